@@ -1,0 +1,71 @@
+"""Frozen result types: every number a solver returns travels with how it was obtained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Eigenpairs of a symmetric operator, sorted descending, with their quality.
+
+    ``residuals[i]`` is the true norm ``||A x_i - lambda_i x_i||`` (unit ``x_i``), measured
+    after the solver stopped; ``converged`` is whether every pair met the stopping rule.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor | None
+    residuals: torch.Tensor
+    converged: bool
+    n_matvecs: int
+    n_iterations: int
+
+    @property
+    def lambda_max(self) -> float:
+        """The largest eigenvalue found (the first one)."""
+        return float(self.eigenvalues[0])
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """A Hutchinson trace estimate with its standard error."""
+
+    estimate: float
+    stderr: float
+    n_probes: int
+    n_matvecs: int
+    converged: bool
+
+
+@dataclass(frozen=True)
+class DensityResult:
+    """A spectral density from stochastic Lanczos quadrature.
+
+    ``density`` integrates to 1 over ``grid`` (trapezoid rule). ``nodes``/``weights`` are the
+    raw Gauss quadrature rules, one row per probe, so moments can be computed exactly.
+    """
+
+    grid: torch.Tensor
+    density: torch.Tensor
+    nodes: torch.Tensor
+    weights: torch.Tensor
+    sigma: float
+    n_probes: int
+    n_matvecs: int
+
+    def moment(self, p: int) -> float:
+        """Estimate of ``trace(A^p) / size`` from the quadrature rules."""
+        return float((self.weights * self.nodes**p).sum(dim=1).mean())
+
+
+@dataclass(frozen=True)
+class BatchedEigenResult:
+    """Eigenvalues of many independent operators solved together (one row each)."""
+
+    eigenvalues: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    n_matvecs: int
+    n_iterations: int

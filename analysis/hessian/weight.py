@@ -1,0 +1,207 @@
+"""The exact Hessian of the mean training loss w.r.t. the weights, as a matrix-free operator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+from analysis.hessian.modelutil import (
+    LossFn,
+    cast_batch,
+    eval_mode,
+    mean_loss,
+    select_params,
+    working_model,
+)
+
+HVP_MODES = ("auto", "forward", "reverse")
+DEFAULT_CHUNK_ELEMENTS = 2**23
+
+
+class NonDeterminismError(RuntimeError):
+    """Two passes over the same data and weights gave different losses or gradients."""
+
+
+class WeightHessian:
+    """Exact Hessian of the mean loss over *every* sample of ``data`` w.r.t. the weights.
+
+    ``data`` is a DataLoader or any iterable of ``(x, y)`` batches; batches of unequal size
+    are weighted by ``n_batch / N``. The model runs in eval mode (its modes are restored),
+    and neither the model nor caller tensors are changed. ``matvec`` uses forward-over-
+    reverse differentiation (``torch.func``) and falls back to double backward where a
+    layer lacks forward-mode support. With ``cache_data`` (default) the data is read once,
+    kept on the operator's device and re-chunked into ``chunk_size`` samples per pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        params: Iterable[torch.Tensor] | dict[str, torch.Tensor] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        chunk_size: int | None = None,
+        cache_data: bool = True,
+        hvp: str = "auto",
+        check_determinism: bool = False,
+    ) -> None:
+        if hvp not in HVP_MODES:
+            raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.names = select_params(model, params)
+        self.model = working_model(model, dtype, device)
+        self.loss_fn = loss_fn
+        self.data = data
+        self.hvp_mode = hvp
+        named = dict(self.model.named_parameters())
+        self.theta = {n: named[n].detach() for n in self.names}
+        self.fixed = {n: p.detach() for n, p in named.items() if n not in self.theta}
+        self.fixed.update({n: b.detach() for n, b in self.model.named_buffers()})
+        self.shapes = [self.theta[n].shape for n in self.names]
+        self.numels = [self.theta[n].numel() for n in self.names]
+        self.size = sum(self.numels)
+        self.dtype = self.theta[self.names[0]].dtype
+        self.device = self.theta[self.names[0]].device
+        self.cache_data = cache_data
+        self.chunks = self._read_data(chunk_size)
+        self.num_samples = sum(int(x.shape[0]) for x, _ in self.chunks)
+        if not cache_data:
+            self.chunks = []
+        if check_determinism:
+            self.check_determinism()
+
+    def _read_data(self, chunk_size: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Read every batch once; validate it; concatenate and re-chunk when shapes allow."""
+        batches = []
+        for i, batch in enumerate(self.data):
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError(
+                    f"data batch {i} is not an (x, y) pair: got {type(batch).__name__}"
+                )
+            x, y = batch[0], batch[1]
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(
+                    f"data batch {i}: x has {x.shape[0]} samples but y has {y.shape[0]}"
+                )
+            if x.shape[0] == 0:
+                continue
+            batches.append(cast_batch(x, y, self.dtype, self.device))
+        if not batches:
+            raise ValueError(
+                "data is empty: the Hessian of the mean loss needs at least one sample"
+            )
+        same = all(
+            x.shape[1:] == batches[0][0].shape[1:] and y.shape[1:] == batches[0][1].shape[1:]
+            for x, y in batches
+        )
+        if not same:
+            return batches
+        xs = torch.cat([x for x, _ in batches])
+        ys = torch.cat([y for _, y in batches])
+        per_sample = max(1, xs[0].numel())
+        step = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_sample)
+        return list(zip(xs.split(step), ys.split(step), strict=True))
+
+    def _batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        if self.cache_data:
+            return self.chunks
+        return (cast_batch(b[0], b[1], self.dtype, self.device) for b in self.data)
+
+    def _loss(
+        self, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        out = functional_call(self.model, {**self.fixed, **theta}, (x,))
+        return mean_loss(self.loss_fn, out, y) * (x.shape[0] / self.num_samples)
+
+    def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat vector into per-parameter views keyed by name."""
+        if v.dim() != 1 or v.shape[0] != self.size:
+            raise ValueError(
+                f"expected a flat vector of shape ({self.size},), got {tuple(v.shape)}"
+            )
+        v = v.to(device=self.device, dtype=self.dtype)
+        parts = v.split(self.numels)
+        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-parameter tensors into one flat vector, in parameter order."""
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Exact Hessian-vector product ``H v`` of the mean loss over all the data."""
+        tangent = self.unflatten(v)
+        with eval_mode(self.model):
+            if self.hvp_mode in ("auto", "forward"):
+                try:
+                    return self._hvp_forward(tangent)
+                except (RuntimeError, NotImplementedError):
+                    if self.hvp_mode == "forward":
+                        raise
+                    self.hvp_mode = "reverse"
+            return self._hvp_reverse(tangent)
+
+    def _hvp_forward(self, tangent: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = None
+        for x, y in self._batches():
+            grad_fn = grad(lambda th, x=x, y=y: self._loss(th, x, y))
+            _, hv = jvp(grad_fn, (self.theta,), (tangent,))
+            flat = self.flatten(hv)
+            total = flat if total is None else total.add_(flat)
+        return total
+
+    def _hvp_reverse(self, tangent: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = None
+        for x, y in self._batches():
+            theta = {n: t.clone().requires_grad_(True) for n, t in self.theta.items()}
+            loss = self._loss(theta, x, y)
+            grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
+            dot = sum((g * tangent[n]).sum() for g, n in zip(grads, self.names, strict=True))
+            hv = torch.autograd.grad(dot, list(theta.values()))
+            flat = torch.cat([h.reshape(-1) for h in hv])
+            total = flat if total is None else total.add_(flat)
+        return total
+
+    def loss_and_gradient(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> tuple[float, torch.Tensor]:
+        """Mean loss and its flat gradient over all the data (eval mode)."""
+        total_loss, total_grad = 0.0, None
+        with eval_mode(self.model):
+            for x, y in self._batches() if batches is None else batches:
+                theta = {n: t.clone().requires_grad_(True) for n, t in self.theta.items()}
+                loss = self._loss(theta, x, y)
+                g = torch.autograd.grad(loss, list(theta.values()))
+                flat = torch.cat([t.reshape(-1) for t in g])
+                total_grad = flat if total_grad is None else total_grad.add_(flat)
+                total_loss += float(loss.detach())
+        return total_loss, total_grad
+
+    def check_determinism(self) -> None:
+        """Read ``data`` twice afresh and compare loss and gradient; raise if they differ.
+
+        Catches random augmentation, dropout that ignores eval mode, and batches that
+        change between passes: all of which make "the" Hessian ill-defined. A mere change
+        of order (a shuffling loader) leaves the mean loss unchanged and passes.
+        """
+        low_precision = self.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        rtol = 1e-4 if low_precision else 1e-9
+        passes = []
+        for _ in range(2):
+            fresh = (cast_batch(b[0], b[1], self.dtype, self.device) for b in self.data)
+            passes.append(self.loss_and_gradient(fresh))
+        (l1, g1), (l2, g2) = passes
+        gdiff = float((g1 - g2).norm() / g1.norm().clamp_min(1e-30))
+        ldiff = abs(l1 - l2) / max(abs(l1), 1e-30)
+        if ldiff > rtol or gdiff > rtol:
+            raise NonDeterminismError(
+                f"two passes over the data gave different results (loss {l1:.6g} vs {l2:.6g}, "
+                f"gradient relative difference {gdiff:.2e}, allowed {rtol:g}). The Hessian is "
+                "only defined for fixed data and a deterministic model: turn off random "
+                "augmentation, use layers that respect eval(), or pass a fixed dataset."
+            )

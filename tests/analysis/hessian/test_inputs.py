@@ -1,0 +1,97 @@
+"""Per-sample input-Hessian eigenvalues against dense per-sample Hessians."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from analysis.hessian import ConvergenceWarning, input_hessian_eigenvalues, input_hessian_spectrum
+from tests.analysis.hessian.reference import make_cnn, make_data, make_mlp
+
+CE = nn.CrossEntropyLoss()
+
+
+def dense_input_spectra(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Ascending eigenvalues of each sample's own input Hessian, by torch.func.hessian."""
+    model.eval()
+    out = []
+    for xi, yi in zip(x, y, strict=True):
+        h = torch.func.hessian(lambda z, yi=yi: CE(model(z[None]), yi[None]))(xi)
+        d = xi.numel()
+        out.append(torch.linalg.eigvalsh(h.reshape(d, d)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+def test_matches_dense_per_sample_hessians(which):
+    model = make_mlp(act=nn.Tanh)
+    x, y = make_data(30, (6,))
+    exact = dense_input_spectra(model, x, y)
+    got = input_hessian_eigenvalues(model, CE, x, y, k=2, which=which, tol=1e-10)
+    want = {
+        "largest": exact[:, -2:].flip(1),
+        "smallest": exact[:, :2].flip(1),
+        "both": torch.cat([exact[:, -2:].flip(1), exact[:, :2].flip(1)], dim=1),
+    }[which]
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+
+
+def test_cnn_with_batchnorm_and_batching_does_not_change_answers():
+    model = make_cnn()
+    model.train()
+    x, y = make_data(20, (1, 6, 6))
+    x0 = x.clone()
+    exact = dense_input_spectra(model, x, y)
+    model.train()
+    together = input_hessian_spectrum(model, CE, x, y, k=1, tol=1e-10)
+    assert model.training and torch.equal(x, x0)
+    assert bool(together.converged.all())
+    torch.testing.assert_close(together.eigenvalues[:, 0], exact[:, -1], rtol=1e-7, atol=1e-10)
+    one_by_one = input_hessian_spectrum(model, CE, x, y, k=1, tol=1e-10, batch_size=1)
+    torch.testing.assert_close(one_by_one.eigenvalues, together.eigenvalues, rtol=1e-7, atol=1e-10)
+
+
+def test_relu_softmax_input_hessians_are_positive_semidefinite():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    ).double()
+    x, y = make_data(25, (1, 10, 10), classes=5)
+    both = input_hessian_eigenvalues(model, CE, x, y, k=1, which="both", tol=1e-10)
+    largest, smallest = both[:, 0], both[:, 1]
+    assert torch.all(largest > 0)
+    assert torch.all(smallest >= -1e-10 * largest)
+    exact = dense_input_spectra(model, x, y)
+    torch.testing.assert_close(smallest, exact[:, 0], rtol=0, atol=1e-9)
+    # The Hessian J^T (diag(p) - p p^T) J has rank at most classes - 1.
+    assert torch.all((exact > 1e-9 * exact[:, -1:]).sum(dim=1) <= 4)
+
+
+def test_seeds_reproduce_and_non_convergence_warns():
+    model = make_mlp()
+    x, y = make_data(8, (6,))
+    a = input_hessian_eigenvalues(model, CE, x, y, k=1, seed=3)
+    b = input_hessian_eigenvalues(model, CE, x, y, k=1, seed=3)
+    assert torch.equal(a, b)
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        input_hessian_eigenvalues(model, CE, x, y, k=2, tol=1e-14, max_iter=2)
+
+
+def test_clear_errors():
+    model = make_mlp()
+    x, y = make_data(4, (6,))
+    with pytest.raises(ValueError, match="x has 4 samples but y has 3"):
+        input_hessian_eigenvalues(model, CE, x, y[:3])
+    with pytest.raises(ValueError, match=r"batch of shape \(n, ...\)"):
+        input_hessian_eigenvalues(model, CE, x[0], y[0])
+    with pytest.raises(ValueError, match="k=7 exceeds the operator size 6"):
+        input_hessian_eigenvalues(model, CE, x, y, k=7)
+    with pytest.raises(ValueError, match="which must be one of"):
+        input_hessian_eigenvalues(model, CE, x, y, which="top")

@@ -1,0 +1,135 @@
+"""Lanczos and power iteration against dense eigendecompositions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from analysis.hessian import (
+    ConvergenceWarning,
+    WeightHessian,
+    dense_spectrum,
+    hessian_spectrum,
+    lanczos,
+    power_iteration,
+)
+from tests.analysis.hessian.reference import DenseOperator, matrix_with_spectrum
+
+CE = nn.CrossEntropyLoss()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
+
+
+@pytest.mark.parametrize("problem", ["mlp_problem", "cnn_problem"])
+def test_top_k_matches_dense_eigenvalues(problem, request):
+    model, x, y, dense = request.getfixturevalue(problem)
+    exact = torch.linalg.eigvalsh(dense).flip(0)
+    res = lanczos(WeightHessian(model, CE, [(x, y)]), k=5, tol=1e-8)
+    assert res.converged
+    assert _rel(res.eigenvalues, exact[:5]) < 1e-6
+    assert torch.all(res.eigenvalues[:-1] >= res.eigenvalues[1:])
+    for lam, vec, r in zip(res.eigenvalues, res.eigenvectors, res.residuals, strict=True):
+        true = (dense @ vec - lam * vec).norm()
+        assert abs(float(true) - float(r)) < 1e-9
+        assert float(r) <= 1e-6 * float(exact.abs().max())
+    assert res.n_matvecs == res.n_iterations + 5
+
+
+def test_smallest_eigenvalues(mlp_problem):
+    model, x, y, dense = mlp_problem
+    exact = torch.linalg.eigvalsh(dense)
+    res = lanczos(WeightHessian(model, CE, [(x, y)]), k=3, which="smallest", tol=1e-8)
+    assert res.converged
+    assert torch.allclose(res.eigenvalues, exact[:3].flip(0), rtol=1e-6, atol=1e-9)
+
+
+def test_hessian_spectrum_one_call_form(cnn_problem):
+    model, x, y, dense = cnn_problem
+    res = hessian_spectrum(model, CE, [(x, y)], top_k=2, tol=1e-8, seed=3)
+    assert _rel(res.eigenvalues, torch.linalg.eigvalsh(dense).flip(0)[:2]) < 1e-6
+
+
+def test_dense_spectrum_equals_eigvalsh(cnn_problem):
+    model, x, y, dense = cnn_problem
+    spec = dense_spectrum(WeightHessian(model, CE, [(x, y)]))
+    torch.testing.assert_close(spec, torch.linalg.eigvalsh(dense).flip(0), rtol=0, atol=1e-10)
+
+
+def test_dense_spectrum_refuses_large_operators():
+    op = DenseOperator(torch.eye(50, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"size 50, above max_size=20"):
+        dense_spectrum(op, max_size=20)
+
+
+def test_seed_reproduces_and_other_seeds_agree():
+    op = DenseOperator(matrix_with_spectrum(torch.linspace(-1, 4, 120) ** 3))
+    a = lanczos(op, k=3, tol=1e-10, seed=7)
+    b = lanczos(op, k=3, tol=1e-10, seed=7)
+    c = lanczos(op, k=3, tol=1e-10, seed=8)
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and torch.equal(a.eigenvectors, b.eigenvectors)
+    assert a.n_matvecs == b.n_matvecs
+    torch.testing.assert_close(a.eigenvalues, c.eigenvalues, rtol=1e-9, atol=0)
+
+
+def test_non_convergence_is_reported_not_hidden():
+    op = DenseOperator(matrix_with_spectrum(torch.linspace(0, 1, 300)))
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        res = lanczos(op, k=2, tol=1e-12, max_iter=8)
+    assert not res.converged
+    assert float(res.residuals.max()) > 1e-12
+    with pytest.warns(ConvergenceWarning):
+        res = power_iteration(op, k=1, tol=1e-9, max_iter=5)
+    assert not res.converged
+
+
+def test_invariant_subspaces_restart_to_find_repeated_eigenvalues():
+    gen = torch.Generator().manual_seed(0)
+    j = torch.randn(4, 30, generator=gen, dtype=torch.float64)
+    op = DenseOperator(j.T @ j)
+    exact = torch.linalg.eigvalsh(op.matrix)
+    res = lanczos(op, k=3, which="smallest", tol=1e-8)
+    assert res.converged
+    torch.testing.assert_close(
+        res.eigenvalues, torch.zeros(3, dtype=torch.float64), atol=1e-10, rtol=0
+    )
+    top = lanczos(op, k=4, tol=1e-8)
+    torch.testing.assert_close(top.eigenvalues, exact.flip(0)[:4], rtol=1e-9, atol=1e-10)
+
+
+def test_full_basis_is_exact_for_tiny_operators():
+    values = torch.tensor([3.0, -2.0, 1.0, 1.0], dtype=torch.float64)
+    res = lanczos(DenseOperator(matrix_with_spectrum(values)), k=4, tol=1e-12)
+    torch.testing.assert_close(res.eigenvalues, values.sort(descending=True).values)
+
+
+def test_power_iteration_agrees_with_lanczos(mlp_problem):
+    values = torch.cat([torch.tensor([9.0, 6.0, 4.0]), torch.linspace(-1, 1, 60)])
+    op = DenseOperator(matrix_with_spectrum(values, seed=2))
+    p = power_iteration(op, k=3, tol=1e-6, seed=1)
+    lz = lanczos(op, k=3, tol=1e-10)
+    assert p.converged
+    torch.testing.assert_close(p.eigenvalues, lz.eigenvalues, rtol=1e-6, atol=0)
+    model, x, y, dense = mlp_problem
+    w = WeightHessian(model, CE, [(x, y)])
+    top = torch.linalg.eigvalsh(dense)
+    dominant = top[-1] if top[-1].abs() >= top[0].abs() else top[0]
+    assert abs(float(power_iteration(w, k=1, tol=1e-7).eigenvalues[0] - dominant)) < 1e-6 * float(
+        dominant.abs()
+    )
+
+
+def test_clear_errors():
+    op = DenseOperator(torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="k=5 exceeds the operator size 4"):
+        lanczos(op, k=5)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        lanczos(op, k=0)
+    with pytest.raises(ValueError, match="which must be"):
+        lanczos(op, k=1, which="middle")
+    with pytest.raises(TypeError, match="lacks size, dtype, matvec"):
+        lanczos(object(), k=1)
+    with pytest.raises(ValueError, match="between 1 and the operator size 4"):
+        power_iteration(op, k=9)

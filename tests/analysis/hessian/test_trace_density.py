@@ -1,0 +1,68 @@
+"""Hutchinson trace and SLQ density against dense references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from analysis.hessian import ConvergenceWarning, WeightHessian, hutchinson_trace, slq_density
+from tests.analysis.hessian.reference import DenseOperator, matrix_with_spectrum
+
+CE = nn.CrossEntropyLoss()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trace_within_its_stated_error(mlp_problem, seed):
+    model, x, y, dense = mlp_problem
+    exact = float(torch.trace(dense))
+    res = hutchinson_trace(WeightHessian(model, CE, [(x, y)]), rtol=0.1, seed=seed)
+    assert res.converged
+    assert res.stderr <= 0.1 * abs(res.estimate)
+    assert abs(res.estimate - exact) <= 4 * res.stderr
+    assert res.n_matvecs == res.n_probes >= 10
+
+
+def test_trace_reproduces_with_seed_and_reports_budget_exhaustion():
+    op = DenseOperator(matrix_with_spectrum(torch.linspace(-3, 5, 80)))
+    a, b = hutchinson_trace(op, rtol=0.5, seed=4), hutchinson_trace(op, rtol=0.5, seed=4)
+    assert a == b
+    with pytest.warns(ConvergenceWarning, match="max_probes=12"):
+        res = hutchinson_trace(op, rtol=1e-6, min_probes=10, max_probes=12)
+    assert not res.converged and res.n_probes == 12
+
+
+def test_density_integrates_to_one_and_matches_moments():
+    values = torch.cat([torch.linspace(-1, 1, 150), torch.tensor([8.0, 9.0])])
+    op = DenseOperator(matrix_with_spectrum(values, seed=3))
+    res = slq_density(op, n_probes=30, steps=40, seed=0)
+    assert abs(float(torch.trapezoid(res.density, res.grid)) - 1) < 1e-9
+    assert torch.all(res.density >= 0)
+    for p in (1, 2, 3):
+        exact = float((values.double() ** p).mean())
+        per_probe = (res.weights * res.nodes**p).sum(dim=1)
+        stderr = float(per_probe.std() / len(per_probe) ** 0.5)
+        assert abs(res.moment(p) - exact) <= 4 * stderr + 1e-12
+    # Broadened density: most mass in the bulk [-1, 1], a small bump near the outliers.
+    bulk = res.grid.abs() <= 1.2
+    assert float(torch.trapezoid(res.density * bulk, res.grid)) > 0.95
+    assert float(res.density[(res.grid - 8.5).abs() < 0.3].max()) > 0
+
+
+def test_density_with_full_steps_is_exact_quadrature(mlp_problem):
+    model, x, y, dense = mlp_problem
+    op = WeightHessian(model, CE, [(x, y)])
+    res = slq_density(op, n_probes=1, steps=op.size, seed=1)
+    exact = torch.linalg.eigvalsh(dense)
+    nodes = res.nodes[0][res.weights[0] > 1e-12]
+    # every quadrature node of a complete run is an exact eigenvalue
+    for node in nodes:
+        assert float((exact - node).abs().min()) < 1e-8 * float(exact.abs().max())
+
+
+def test_density_clear_errors():
+    op = DenseOperator(torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n_probes >= 1"):
+        slq_density(op, n_probes=0)
+    with pytest.raises(ValueError, match="min_probes"):
+        hutchinson_trace(op, min_probes=1)

@@ -1,0 +1,145 @@
+"""WeightHessian: exact products against torch.func.hessian, weighting, modes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from analysis.hessian import NonDeterminismError, WeightHessian
+from tests.analysis.hessian.reference import dense_weight_hessian, make_data, make_mlp
+
+CE = nn.CrossEntropyLoss()
+
+
+def _random_vectors(size: int, n: int = 3) -> torch.Tensor:
+    return torch.randn(n, size, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("hvp", ["forward", "reverse"])
+@pytest.mark.parametrize("problem", ["mlp_problem", "cnn_problem"])
+def test_matvec_equals_dense_hessian(problem, hvp, request):
+    model, x, y, dense = request.getfixturevalue(problem)
+    op = WeightHessian(model, CE, [(x, y)], hvp=hvp)
+    assert op.size == dense.shape[0]
+    for v in _random_vectors(op.size):
+        torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_unequal_batches_are_weighted_by_their_size(mlp_problem):
+    model, x, y, dense = mlp_problem
+    sizes = [7, 13, 1, 19]
+    batches = list(zip(x.split(sizes), y.split(sizes), strict=True))
+    v = _random_vectors(dense.shape[0], 1)[0]
+    for cache in (True, False):
+        op = WeightHessian(model, CE, batches, cache_data=cache)
+        assert op.num_samples == 40
+        torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+    rechunked = WeightHessian(model, CE, batches, chunk_size=6)
+    assert len(rechunked.chunks) == 7
+    torch.testing.assert_close(rechunked.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_dataloader_and_loss_reductions_agree(mlp_problem):
+    model, x, y, dense = mlp_problem
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    v = _random_vectors(dense.shape[0], 1)[0]
+    for loss in (CE, nn.CrossEntropyLoss(reduction="sum"), nn.CrossEntropyLoss(reduction="none")):
+        op = WeightHessian(model, loss, loader)
+        torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_eval_mode_is_used_and_restored_and_nothing_is_mutated(cnn_problem):
+    model, x, y, dense = cnn_problem
+    model.train()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    x0, y0 = x.clone(), y.clone()
+    v = _random_vectors(dense.shape[0], 1)[0]
+    v0 = v.clone()
+    op = WeightHessian(model, CE, [(x, y)])
+    hv = op.matvec(v)
+    torch.testing.assert_close(hv, dense @ v, rtol=1e-10, atol=1e-12)
+    assert model.training and all(m.training for m in model.modules())
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    assert torch.equal(x, x0) and torch.equal(y, y0) and torch.equal(v, v0)
+
+
+def test_dtype_copy_leaves_the_callers_model_alone(mlp_problem):
+    model, x, y, _ = mlp_problem
+    model32 = model.float()
+    op = WeightHessian(model32, CE, [(x.float(), y)], dtype=torch.float64)
+    assert op.dtype == torch.float64
+    assert next(model32.parameters()).dtype == torch.float32
+    v = _random_vectors(op.size, 1)[0]
+    ref = dense_weight_hessian(model32.double(), x, y)
+    torch.testing.assert_close(op.matvec(v), ref @ v, rtol=1e-6, atol=1e-7)
+
+
+def test_params_subset_gives_the_matching_block(mlp_problem):
+    model, x, y, dense = mlp_problem
+    last = [model[2].weight, model[2].bias]
+    op = WeightHessian(model, CE, [(x, y)], params=last)
+    n_first = sum(p.numel() for p in model[0].parameters())
+    block = dense[n_first:, n_first:]
+    v = _random_vectors(op.size, 1)[0]
+    assert op.size == block.shape[0]
+    torch.testing.assert_close(op.matvec(v), block @ v, rtol=1e-10, atol=1e-12)
+
+
+class _NoisyDataset(Dataset):
+    """Random augmentation: a new noise draw every time an item is read."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn_like(self.x[i]), self.y[i]
+
+
+def test_determinism_check_catches_augmentation_but_not_shuffling(mlp_problem):
+    model, x, y, _ = mlp_problem
+    noisy = DataLoader(_NoisyDataset(x, y), batch_size=8)
+    with pytest.raises(NonDeterminismError, match="augmentation"):
+        WeightHessian(model, CE, noisy, check_determinism=True)
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    WeightHessian(model, CE, shuffled, check_determinism=True)
+
+
+def test_determinism_check_catches_a_model_that_ignores_eval(mlp_problem):
+    _, x, y, _ = mlp_problem
+
+    class AlwaysDropout(nn.Module):
+        def forward(self, t):
+            return nn.functional.dropout(t, 0.5, training=True)
+
+    model = nn.Sequential(nn.Linear(6, 8), AlwaysDropout(), nn.Linear(8, 3)).double()
+    with pytest.raises(NonDeterminismError):
+        WeightHessian(model, CE, [(x, y)], check_determinism=True)
+
+
+def test_clear_errors():
+    model = make_mlp()
+    x, y = make_data(5, (6,))
+    with pytest.raises(ValueError, match="data is empty"):
+        WeightHessian(model, CE, [])
+    with pytest.raises(ValueError, match="x has 5 samples but y has 4"):
+        WeightHessian(model, CE, [(x, y[:4])])
+    with pytest.raises(ValueError, match=r"not an \(x, y\) pair"):
+        WeightHessian(model, CE, [x])
+    frozen = make_mlp()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        WeightHessian(frozen, CE, [(x, y)])
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        WeightHessian(model, CE, [(x, y)], params=[torch.zeros(3)])
+    op = WeightHessian(model, CE, [(x, y)])
+    with pytest.raises(ValueError, match=rf"flat vector of shape \({op.size},\)"):
+        op.matvec(torch.zeros(op.size + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="hvp must be one of"):
+        WeightHessian(model, CE, [(x, y)], hvp="finite-difference")
