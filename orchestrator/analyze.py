@@ -1,0 +1,43 @@
+"""``hessweep analyze RUN_ID``: recompute a trial run's spectra from its final checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from orchestrator.errors import UserInputError
+from orchestrator.phase import HessianPhase
+from orchestrator.spec import Experiment
+from orchestrator.tracking import CHECKPOINT, PARENT, SWEEP_DIR, connect, resolve_tracking_uri
+
+
+def analyze_run(run_id: str, tracking_uri: str | None = None, address: str | None = None) -> None:
+    """Load the run's checkpoint and sweep spec, run the Hessian phase, log onto the run."""
+    from orchestrator.api import STATE_FILE, _init_ray
+
+    client = connect(resolve_tracking_uri(tracking_uri))
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # MLflow raises its own exception type for unknown ids
+        raise UserInputError(f"no MLflow run with id {run_id!r} in this tracking store") from None
+    tags = run.data.tags
+    if CHECKPOINT not in tags or PARENT not in tags:
+        raise UserInputError(
+            f"run {run_id} is not a finished hessweep trial run (no {CHECKPOINT} tag); "
+            "give the id of a trial's child run"
+        )
+    ckpt = tags[CHECKPOINT]
+    if not Path(ckpt).exists():
+        raise UserInputError(f"the checkpoint of run {run_id} is gone: {ckpt}")
+    sweep_dir = client.get_run(tags[PARENT]).data.tags.get(SWEEP_DIR, "")
+    state = Path(sweep_dir) / STATE_FILE
+    if not state.is_file():
+        raise UserInputError(f"the sweep state {state} of run {run_id} is missing")
+    exp = Experiment.from_dict(json.loads(state.read_text())["spec"], source=str(state))
+    _init_ray(address)
+    phase = HessianPhase(exp, client)
+    try:
+        phase.submit(tags.get("hessweep.trial_id", run_id), ckpt, run_id, run.info.run_name)
+        phase.wait()
+    finally:
+        phase.close()

@@ -1,0 +1,239 @@
+"""The programmatic tuning API: ``run_experiment`` and ``resume_experiment``."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+
+from orchestrator.errors import UserInputError
+from orchestrator.phase import HessianPhase
+from orchestrator.results import build_table, save_table, to_markdown, trial_row
+from orchestrator.spec import Experiment
+from orchestrator.sweep import build_tuner, restore_tuner, select_best, storage_path
+from orchestrator.tracking import (
+    ROLE,
+    SWEEP_DIR,
+    TrackingCallback,
+    clean_params,
+    connect,
+    experiment_id,
+    resolve_tracking_uri,
+)
+from trainables.data import load_dataset
+
+STATE_FILE = "hessweep.json"
+REPORTS_DIR = Path("runs/reports")
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """What a finished sweep returns: the table, where it was logged, and Tune's results."""
+
+    table: pd.DataFrame
+    parent_run_id: str
+    report_dir: Path
+    result_grid: Any
+    tracking_uri: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_experiment(
+    exp: Experiment,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    progress: Any = print,
+) -> ExperimentResult:
+    """Sweep ``exp`` on Ray Tune, analyse every kept model's Hessian, log it all to MLflow."""
+    uri = resolve_tracking_uri(tracking_uri, exp.tracking_uri)
+    client = connect(uri)
+    _check_data(exp)
+    _init_ray(address)
+    exp_id = experiment_id(client, exp.name)
+    run_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = f"{storage_path(exp.storage).rstrip('/')}/{run_name}"
+    parent = client.create_run(
+        exp_id, run_name=run_name, tags={ROLE: "sweep", SWEEP_DIR: sweep_dir}
+    )
+    parent_id = parent.info.run_id
+    client.log_text(parent_id, exp.to_yaml(), "spec.yaml")
+    _log_sweep_params(client, parent_id, exp)
+    _write_state(sweep_dir, exp, parent_id, uri)
+    progress(f"sweep {run_name}: {exp.num_cells} cell(s); MLflow run {parent_id} at {uri}")
+    callback = TrackingCallback(uri, exp_id, parent_id)
+    tuner = build_tuner(exp, run_name, [callback])
+    return _drive(exp, tuner, client, callback, parent_id, uri, progress)
+
+
+def resume_experiment(
+    name_or_dir: str,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    progress: Any = print,
+) -> ExperimentResult:
+    """Finish an interrupted sweep: finished trials are kept, MLflow runs are continued."""
+    sweep_dir = find_sweep_dir(name_or_dir)
+    state = json.loads((Path(sweep_dir) / STATE_FILE).read_text())
+    exp = Experiment.from_dict(state["spec"], source=f"{sweep_dir}/{STATE_FILE}")
+    uri = tracking_uri or state["tracking_uri"]
+    client = connect(uri)
+    _init_ray(address)
+    parent_id = state["parent_run_id"]
+    client.update_run(parent_id, status="RUNNING")
+    progress(f"resuming {sweep_dir} (MLflow run {parent_id})")
+    tuner = restore_tuner(exp, sweep_dir)
+    callback = TrackingCallback.live(parent_id)
+    return _drive(exp, tuner, client, callback, parent_id, uri, progress)
+
+
+def find_sweep_dir(name_or_dir: str, storage: str = "runs/ray") -> str:
+    """A sweep folder, or the newest sweep of the experiment called ``name_or_dir``."""
+    if (Path(name_or_dir) / STATE_FILE).is_file():
+        return str(Path(name_or_dir).resolve())
+    root = Path(storage)
+    found = sorted(
+        (p for p in root.glob(f"{name_or_dir}-*") if (p / STATE_FILE).is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not found:
+        raise UserInputError(
+            f"no sweep called {name_or_dir!r} under {root}/ (looked for {name_or_dir}-*/"
+            f"{STATE_FILE}); give the experiment name or the sweep folder"
+        )
+    return str(found[-1].resolve())
+
+
+def _drive(exp, tuner, client, callback, parent_id, uri, progress) -> ExperimentResult:
+    """Fit, select, analyse, tabulate and log; the parent run's status mirrors the outcome."""
+    phase = HessianPhase(exp, client, progress)
+    overlap = exp.hessian.enabled and exp.select is None and _room_for_actors(exp)
+    done: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def on_complete(trial: Any, run_id: str) -> None:
+        with lock:
+            done[trial.trial_id] = run_id
+        if overlap and trial.checkpoint is not None:
+            phase.submit(trial.trial_id, trial.checkpoint.path, run_id, _label(trial.config))
+
+    callback.on_complete = on_complete
+    timings: dict[str, float] = {}
+    try:
+        start = time.perf_counter()
+        grid = tuner.fit()
+        timings["training_s"] = time.perf_counter() - start
+        trials = [(r.metrics.get("trial_id"), r.config, r.metrics, r.checkpoint) for r in grid]
+        kept = {t[0] for t in trials}
+        if exp.select:
+            kept = select_best(
+                ((t, c, m) for t, c, m, _ in trials), exp.select.metric, exp.select.mode
+            )
+            progress(f"select: kept {len(kept)} of {len(trials)} trials by {exp.select.metric}")
+        run_ids = {tid: callback.child_run_id(tid) for tid, *_ in trials}
+        for tid, _, _, _ in trials:
+            client.set_tag(run_ids[tid], "hessweep.selected", str(tid in kept).lower())
+        start = time.perf_counter()
+        if exp.hessian.enabled:
+            for tid, config, metrics, ckpt in trials:
+                wanted = tid in kept and ckpt is not None and not metrics.get("diverged")
+                if wanted and not phase.already_done(run_ids[tid]):
+                    phase.submit(tid, ckpt.path, run_ids[tid], _label(config))
+            phase.wait()
+        timings["hessian_s"] = time.perf_counter() - start
+        rows = [
+            trial_row(tid, run_ids[tid], config, metrics, _final_metrics(client, run_ids[tid]))
+            for tid, config, metrics, _ in trials
+            if tid in kept
+        ]
+        table = build_table(rows)
+        report_dir = REPORTS_DIR / exp.name
+        header = f"# {exp.name}\n\n{exp.description}\n\nMLflow parent run `{parent_id}` at `{uri}`"
+        parquet, md = save_table(table, report_dir, header)
+        client.log_artifact(parent_id, str(parquet), "report")
+        client.log_artifact(parent_id, str(md), "report")
+        timings["tracking_s"] = callback.log_seconds
+        client.log_metrics(parent_id, {f"time/{k}": v for k, v in timings.items()})
+        failed = any(r.error is not None for r in grid)
+        client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
+        progress(to_markdown(table))
+        return ExperimentResult(table, parent_id, report_dir, grid, uri, timings)
+    except KeyboardInterrupt:
+        client.set_terminated(parent_id, status="KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(parent_id, status="FAILED")
+        raise
+    finally:
+        phase.close()
+
+
+def _final_metrics(client, run_id: str) -> dict[str, float]:
+    return dict(client.get_run(run_id).data.metrics)
+
+
+def _label(config: dict[str, Any]) -> str:
+    from orchestrator.tracking import run_label
+
+    return run_label(config)
+
+
+def _room_for_actors(exp: Experiment) -> bool:
+    """Whether the cluster can hold the Hessian actors beside the running trials."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    trials = exp.max_concurrent_trials or exp.num_cells
+    h = exp.hessian
+    need_cpu = min(trials, cpus // max(exp.resources.cpus, 1e-9)) * exp.resources.cpus
+    return cpus - need_cpu >= h.num_actors * h.cpus_per_actor and (
+        gpus - trials * exp.resources.gpus >= h.num_actors * h.gpus_per_actor
+        or h.gpus_per_actor == 0
+    )
+
+
+def _check_data(exp: Experiment) -> None:
+    """Load the data set once on the driver so a missing one fails before any trial."""
+    try:
+        load_dataset(exp.dataset, root=exp.data_root)
+    except FileNotFoundError as err:
+        raise UserInputError(f"dataset {exp.dataset!r}: {err}") from None
+
+
+def _init_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def _log_sweep_params(client, parent_id: str, exp: Experiment) -> None:
+    from orchestrator.tracking import log_batch
+
+    params = {
+        "dataset": exp.dataset,
+        "model": exp.model,
+        "batch_sizes": ",".join(map(str, exp.batch_sizes)),
+        "robust": ",".join(r.label for r in exp.robust),
+        "seeds": ",".join(map(str, exp.seeds)),
+        **{f"training.{k}": v for k, v in exp.training.items()},
+        **{f"hessian.{k}": v for k, v in exp.hessian.model_dump().items()},
+    }
+    log_batch(client, parent_id, params=clean_params(params))
+
+
+def _write_state(sweep_dir: str, exp: Experiment, parent_id: str, uri: str) -> None:
+    if "://" in sweep_dir:
+        return
+    folder = Path(sweep_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"spec": exp.model_dump(mode="json"), "parent_run_id": parent_id, "tracking_uri": uri}
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))

@@ -1,0 +1,187 @@
+"""The ``hessweep`` command line: run, resume, validate, analyze, ui."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import UserInputError
+
+EXIT_USAGE = 2
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values are read as YAML (``[16, 64]``, ``0.1``, ``full``)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserInputError(
+                f"--set {item!r}: expected key=value, e.g. --set batch_sizes=[32,512]"
+            )
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise UserInputError(f"--set {item!r}: value is not valid YAML ({err})") from None
+    return out
+
+
+def load_spec(spec: str, overrides: list[str] | None = None):
+    """A validated Experiment from a path or a name in experiments/, with ``--set`` applied."""
+    from orchestrator.spec import Experiment, resolve_spec
+
+    exp = Experiment.from_yaml(resolve_spec(spec))
+    sets = _parse_set(overrides or [])
+    return exp.with_overrides(**sets) if sets else exp
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    exp = load_spec(args.spec, args.set)
+    print(
+        f"{args.spec}: valid. {exp.num_cells} trial cell(s): batch sizes {exp.batch_sizes} x "
+        f"robust {[r.label for r in exp.robust]} x seeds {exp.seeds}"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.api import run_experiment
+
+    exp = load_spec(args.spec, args.set)
+    start = time.perf_counter()
+    result = run_experiment(exp, address=args.address, tracking_uri=args.tracking_uri)
+    _summary(result, time.perf_counter() - start)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.api import resume_experiment
+
+    start = time.perf_counter()
+    result = resume_experiment(args.name, address=args.address, tracking_uri=args.tracking_uri)
+    _summary(result, time.perf_counter() - start)
+    return 0
+
+
+def _summary(result: Any, wall: float) -> None:
+    t = result.timings
+    print(
+        f"\nwall time {wall:.1f}s (training {t.get('training_s', 0):.1f}s, Hessian "
+        f"{t.get('hessian_s', 0):.1f}s, tracking {t.get('tracking_s', 0):.1f}s)\n"
+        f"table: {result.report_dir}/table.parquet and report.md\n"
+        f"MLflow parent run {result.parent_run_id} at {result.tracking_uri}\n"
+        "open the UI with: hessweep ui   (then http://127.0.0.1:5000)"
+    )
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from orchestrator.analyze import analyze_run
+
+    analyze_run(args.run_id, tracking_uri=args.tracking_uri, address=args.address)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from orchestrator.tracking import DEFAULT_ARTIFACTS, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        Path(DEFAULT_ARTIFACTS).resolve().as_uri(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    return subprocess.call(cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hessweep",
+        description="Batch-size x robust-training sweeps with exact Hessian spectra, "
+        "on Ray Tune, tracked in MLflow.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, address: bool = True) -> None:
+        if address:
+            p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+        p.add_argument(
+            "--tracking-uri",
+            help="MLflow store (default: MLFLOW_TRACKING_URI, the "
+            "spec's tracking_uri, else sqlite:///runs/mlflow.db)",
+        )
+
+    p = sub.add_parser("run", help="run an experiment spec (a path, or a name in experiments/)")
+    p.add_argument("spec", help="spec file or experiment name, e.g. demo")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set batch_sizes=[32,512] "
+        "--set training.lr=0.1 (repeatable)",
+    )
+    common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="finish an interrupted sweep without re-running done trials")
+    p.add_argument("name", help="experiment name (newest sweep) or a sweep folder under runs/ray")
+    common(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("validate", help="check a spec and print the grid it expands to")
+    p.add_argument("spec")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "analyze", help="recompute the Hessian spectra of a trial run's final checkpoint"
+    )
+    p.add_argument("run_id", help="MLflow run id of a trial (child) run")
+    common(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI for the tracking store (127.0.0.1)")
+    common(p, address=False)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hessweep`` console script."""
+    from trainables.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserInputError, ConfigError) as err:
+        print(f"hessweep: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("hessweep: interrupted; continue with `hessweep resume NAME`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The Hessian phase of a sweep: analyse finished trials on the actor pool, log to MLflow.
+
+Trials are analysed in driver threads, so several models can be on the pool at once
+and, when the cluster has room beside the trials, analysis starts while others train.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.artifacts import write_spectrum_files
+from orchestrator.hessian_pool import HessianPool
+from orchestrator.spec import Experiment
+from orchestrator.spectra import HessianSettings, SpectrumReport, analyze_model
+from orchestrator.tracking import finite_metrics, log_batch
+from trainables.train import load_trained
+
+ANALYZED = "hessweep.analyzed"
+
+
+def settings_for(exp: Experiment) -> HessianSettings:
+    """The engine settings a spec's ``hessian`` section asks for."""
+    h = exp.hessian
+    return HessianSettings(
+        top_k=h.top_k,
+        tol=h.tol,
+        max_iter=h.max_iter,
+        trace=h.trace,
+        trace_rtol=h.trace_rtol,
+        density=h.density,
+        density_probes=h.density_probes,
+        density_steps=h.density_steps,
+        input_samples=h.input_samples,
+        input_k=h.input_k,
+        dtype=h.dtype,
+        seed=h.seed,
+    )
+
+
+class HessianPhase:
+    """Runs ``analyze_model`` for finished trials and logs metrics and files on their runs."""
+
+    def __init__(
+        self,
+        exp: Experiment,
+        client: MlflowClient,
+        progress: Callable[[str], None] = print,
+        max_parallel: int = 2,
+    ) -> None:
+        self.exp = exp
+        self.client = client
+        self.progress = progress
+        self.settings = settings_for(exp)
+        self.reports: dict[str, SpectrumReport] = {}
+        self.seconds = 0.0
+        self._pool: HessianPool | None = None
+        self._lock = threading.Lock()
+        self._futures: dict[str, Future] = {}
+        self._executor = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="hessian")
+
+    def pool(self, train_data: Any) -> HessianPool:
+        """The actor pool over the training set, created on first use."""
+        with self._lock:
+            if self._pool is None:
+                h = self.exp.hessian
+                self.progress(
+                    f"hessian: starting {h.num_actors} actor(s) "
+                    f"({h.cpus_per_actor:g} CPU, {h.gpus_per_actor:g} GPU each)"
+                )
+                self._pool = HessianPool(
+                    train_data,
+                    num_actors=h.num_actors,
+                    num_cpus=h.cpus_per_actor,
+                    num_gpus=h.gpus_per_actor,
+                )
+            return self._pool
+
+    def already_done(self, run_id: str) -> bool:
+        """True when the run carries the analysed tag (a resumed sweep skips it)."""
+        return self.client.get_run(run_id).data.tags.get(ANALYZED) == "true"
+
+    def submit(self, trial_id: str, checkpoint_path: str, run_id: str, label: str) -> Future:
+        """Queue one trial's analysis (idempotent per trial id)."""
+        with self._lock:
+            if trial_id not in self._futures:
+                self._futures[trial_id] = self._executor.submit(
+                    self._analyse, trial_id, checkpoint_path, run_id, label
+                )
+            return self._futures[trial_id]
+
+    def _analyse(self, trial_id: str, checkpoint_path: str, run_id: str, label: str) -> None:
+        start = time.perf_counter()
+        trained = load_trained(checkpoint_path)
+        n = min(self.settings.input_samples, len(trained.test_data))
+        test_x, test_y = _first(trained.test_data, n)
+        self.progress(f"hessian: {label}: analysing ({trial_id})")
+        report = analyze_model(
+            trained.model,
+            self.pool(trained.train_data),
+            test_x,
+            test_y,
+            self.settings,
+            progress=lambda msg: self.progress(f"hessian: {label}: {msg}"),
+        )
+        metrics = finite_metrics(report.metrics(), step=0)
+        with tempfile.TemporaryDirectory(prefix="hessweep-art-") as tmp:
+            write_spectrum_files(report, Path(tmp), label)
+            self.client.log_artifacts(run_id, tmp)
+        log_batch(self.client, run_id, metrics, tags={ANALYZED: "true"})
+        with self._lock:
+            self.reports[trial_id] = report
+            self.seconds += time.perf_counter() - start
+        lam = report.eigenvalues[0] if len(report.eigenvalues) else float("nan")
+        self.progress(
+            f"hessian: {label}: lambda_max={lam:.4g} in {time.perf_counter() - start:.1f}s"
+        )
+
+    def wait(self) -> None:
+        """Block until every queued analysis is done; re-raise the first failure."""
+        for future in list(self._futures.values()):
+            future.result()
+
+    def close(self) -> None:
+        """Stop the executor and the actors."""
+        self._executor.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+def _first(dataset: Any, n: int):
+    """The first ``n`` (x, y) samples of a dataset as two tensors."""
+    import torch
+
+    xs, ys = zip(*(dataset[i] for i in range(n)), strict=True) if n else ((), ())
+    if not n:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.stack(list(xs)), torch.as_tensor(ys)

@@ -1,0 +1,361 @@
+"""Experiment specs: YAML -> validated ``Experiment`` -> Ray Tune param_space.
+
+Validation happens here, before Ray starts or MLflow is touched, so a bad spec is
+reported with the field, the bad value and what is allowed, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import UserInputError
+from trainables.config import ConfigError, TrainConfig, parse_config
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+KNOWN_TRAIN_SIZES = {
+    "digits": 1437,
+    "mnist": 60000,
+    "cifar10": 50000,
+    "cifar100": 50000,
+    "synthetic": 256,
+}
+GRID_KEYS = ("batch_size", "robust", "seed")
+TOP_LEVEL_KEYS = (*GRID_KEYS, "dataset", "model")
+SEARCH_KINDS = {
+    "uniform": 2,
+    "loguniform": 2,
+    "quniform": 3,
+    "qloguniform": 3,
+    "randint": 2,
+    "choice": None,
+    "grid": None,
+}
+_TRAINING_KEYS = {f for f in TrainConfig.__dataclass_fields__ if f not in TOP_LEVEL_KEYS}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RobustSetting(_Strict):
+    """One robust-training setting of the sweep (``none`` is plain training)."""
+
+    method: Literal["none", "fgsm", "pgd"] = "none"
+    epsilon: float = Field(0.0, ge=0.0, le=1.0)
+    steps: int = Field(10, ge=1)
+    step_size: float | None = Field(None, gt=0.0)
+    adv_fraction: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _needs_epsilon(self) -> RobustSetting:
+        if self.method != "none" and self.epsilon <= 0:
+            raise ValueError(f"robust method {self.method!r} needs epsilon > 0")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Short name used in tables and run names: ``none``, ``fgsm-0.1``."""
+        return "none" if self.method == "none" else f"{self.method}-{self.epsilon:g}"
+
+    def to_train(self) -> dict[str, Any]:
+        """The trainable's ``robust`` dict."""
+        return self.model_dump()
+
+
+class SearchSpec(_Strict):
+    """Tune search spaces for training keys, sampled ``num_samples`` times per grid cell."""
+
+    space: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+    num_samples: int = Field(1, ge=1)
+    scheduler: Literal["none", "asha"] = "none"
+    metric: str = "train/loss"
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(1, ge=1)
+
+    @field_validator("space")
+    @classmethod
+    def _check_space(cls, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list]]:
+        for key, dist in space.items():
+            if key not in _TRAINING_KEYS:
+                raise ValueError(
+                    f"search.space.{key}: not a searchable training key; use one of "
+                    f"{', '.join(sorted(_TRAINING_KEYS))}"
+                )
+            if len(dist) != 1:
+                raise ValueError(
+                    f"search.space.{key}: give exactly one distribution, e.g. "
+                    "{loguniform: [0.001, 1]}"
+                )
+            ((kind, args),) = dist.items()
+            if kind not in SEARCH_KINDS:
+                raise ValueError(
+                    f"search.space.{key}: unknown distribution {kind!r}; use one of "
+                    f"{', '.join(SEARCH_KINDS)}"
+                )
+            want = SEARCH_KINDS[kind]
+            if (want is not None and len(args) != want) or not args:
+                raise ValueError(
+                    f"search.space.{key}.{kind}: expected "
+                    f"{want or 'a non-empty list of'} values, got {args!r}"
+                )
+            if kind in ("loguniform", "qloguniform") and min(args[:2]) <= 0:
+                raise ValueError(f"search.space.{key}.{kind}: bounds must be > 0, got {args!r}")
+        return space
+
+
+class SelectSpec(_Strict):
+    """Keep only the best trial of each (batch size, robust, seed) cell by a final metric."""
+
+    metric: str = "test/acc"
+    mode: Literal["min", "max"] = "max"
+
+
+class HessianSpec(_Strict):
+    """What the Hessian phase computes for each kept trial, and on how many actors."""
+
+    enabled: bool = True
+    top_k: int = Field(5, ge=1, le=200)
+    tol: float = Field(1e-6, gt=0.0, lt=1.0)
+    max_iter: int | None = Field(None, ge=1)
+    trace: bool = True
+    trace_rtol: float = Field(0.05, gt=0.0, lt=1.0)
+    density: bool = True
+    density_probes: int = Field(4, ge=1)
+    density_steps: int = Field(60, ge=2)
+    input_samples: int = Field(200, ge=0)
+    input_k: int = Field(1, ge=1)
+    dtype: Literal["float32", "float64"] = "float64"
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    seed: int = Field(0, ge=0)
+
+
+class Resources(_Strict):
+    """Ray resources of one trial (fractional GPUs allowed)."""
+
+    cpus: float = Field(1.0, gt=0.0)
+    gpus: float = Field(0.0, ge=0.0)
+
+
+class Experiment(_Strict):
+    """A batch-size x robust-training x seed sweep, its Hessian analysis and where it goes."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    dataset: str = "digits"
+    data_root: str | None = None
+    model: str = "m1"
+    batch_sizes: list[int | Literal["full"]] = Field(min_length=1)
+    robust: list[RobustSetting] = Field(default_factory=lambda: [RobustSetting()], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    training: dict[str, Any] = Field(default_factory=dict)
+    search: SearchSpec | None = None
+    select: SelectSpec | None = None
+    hessian: HessianSpec = Field(default_factory=HessianSpec)
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_failures: int = Field(2, ge=0)
+    storage: str = "runs/ray"
+    tracking_uri: str | None = None
+    description: str = ""
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive_unique(cls, sizes: list[int | str]) -> list[int | str]:
+        for i, b in enumerate(sizes):
+            if b != "full" and (isinstance(b, bool) or b < 1):
+                raise ValueError(
+                    f"batch_sizes[{i}] must be a positive integer or 'full', got {b!r}"
+                )
+        if len(set(map(str, sizes))) != len(sizes):
+            raise ValueError(f"batch_sizes has duplicates: {sizes}")
+        return sizes
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int]) -> list[int]:
+        if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct integers >= 0, got {seeds}")
+        return seeds
+
+    @field_validator("training")
+    @classmethod
+    def _training_keys(cls, training: dict[str, Any]) -> dict[str, Any]:
+        for key in training:
+            if key not in _TRAINING_KEYS:
+                hint = " (set it at the top level of the spec)" if key in TOP_LEVEL_KEYS else ""
+                raise ValueError(
+                    f"training.{key}: unknown training key{hint}; allowed: "
+                    f"{', '.join(sorted(_TRAINING_KEYS))}"
+                )
+        return training
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, storage: str) -> str:
+        if "://" in storage and not re.match(r"^(s3|gs|file)://", storage):
+            raise ValueError(f"storage {storage!r}: use a local path, s3://, gs:// or file://")
+        return storage
+
+    @model_validator(mode="after")
+    def _check_trials(self) -> Experiment:
+        """Every grid cell must be a valid training config for the trainable."""
+        for config in self.trial_configs():
+            try:
+                parsed = parse_config(config)
+                size = KNOWN_TRAIN_SIZES.get(self.dataset)
+                if size is not None:
+                    parsed.check_data(size)
+            except ConfigError as err:
+                raise ValueError(spec_field_message(str(err))) from None
+        return self
+
+    def trial_configs(self) -> list[dict[str, Any]]:
+        """Each grid cell's training config, with search keys at a representative value."""
+        base = {"dataset": self.dataset, "model": self.model, **self.training}
+        if self.data_root is not None:
+            base["data_root"] = self.data_root
+        if self.search:
+            for key, dist in self.search.space.items():
+                ((_, args),) = dist.items()
+                base[key] = args[0]
+        return [
+            {**base, "batch_size": b, "robust": r.to_train(), "seed": s}
+            for b in self.batch_sizes
+            for r in self.robust
+            for s in self.seeds
+        ]
+
+    @property
+    def num_cells(self) -> int:
+        """Grid cells: batch sizes x robust settings x seeds."""
+        return len(self.batch_sizes) * len(self.robust) * len(self.seeds)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Experiment:
+        """Load and validate a spec file; errors name the file, the field and the fix."""
+        p = Path(path)
+        if not p.is_file():
+            raise UserInputError(f"spec file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise UserInputError(f"{p}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise UserInputError(
+                f"{p}: a spec is a YAML mapping of fields, got {type(raw).__name__}"
+            )
+        return cls.from_dict(raw, source=str(p))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "spec") -> Experiment:
+        """Validate a plain dict, turning pydantic errors into one readable message."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            raise UserInputError(format_errors(source, err)) from None
+
+    def with_overrides(self, **overrides: Any) -> Experiment:
+        """A new validated Experiment with fields replaced; dotted keys reach nested fields."""
+        data = self.model_dump(exclude_none=False)
+        for key, value in overrides.items():
+            set_dotted(data, key.replace("__", "."), value)
+        return Experiment.from_dict(data, source="overrides")
+
+    def to_param_space(self) -> dict[str, Any]:
+        """The Tune param_space: grid over batch size x robust x seed, plus search spaces."""
+        from ray import tune
+
+        space: dict[str, Any] = {"dataset": self.dataset, "model": self.model, **self.training}
+        if self.data_root is not None:
+            space["data_root"] = self.data_root
+        space["batch_size"] = tune.grid_search(list(self.batch_sizes))
+        space["robust"] = tune.grid_search([r.to_train() for r in self.robust])
+        space["seed"] = tune.grid_search(list(self.seeds))
+        if self.search:
+            for key, dist in self.search.space.items():
+                space[key] = search_domain(dist)
+        return space
+
+    def to_yaml(self) -> str:
+        """The spec as YAML (round-trips through ``from_yaml``)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def spec_field_message(message: str) -> str:
+    """Rename the trainable's config keys in a message to the spec fields that set them."""
+
+    def rename(match: re.Match[str]) -> str:
+        key = match.group(1)
+        top = key.split(".")[0]
+        field = {"batch_size": "batch_sizes", "seed": "seeds", "robust": "robust"}.get(top)
+        if field is None:
+            field = top if top in ("dataset", "model", "data_root") else f"training.{key}"
+        return f"{field}:"
+
+    return re.sub(r"config key '([\w.]+)':", rename, message)
+
+
+def search_domain(dist: dict[str, list[Any]]) -> Any:
+    """A Tune search-space object from ``{kind: args}``."""
+    from ray import tune
+
+    ((kind, args),) = dist.items()
+    if kind == "choice":
+        return tune.choice(args)
+    if kind == "grid":
+        return tune.grid_search(args)
+    return getattr(tune, kind)(*args)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data['a']['b'] = value`` for ``dotted='a.b'``, creating mappings as needed."""
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise UserInputError(f"cannot set {dotted!r}: {part!r} is not a mapping")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def format_errors(source: str, err: ValidationError) -> str:
+    """One line per problem: ``field: message (got value)``."""
+    lines = [f"{source}: {err.error_count()} problem(s) in the experiment spec:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling (see experiments/demo.yaml for every field)"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  - {loc}: {msg}{shown}" if loc else f"  - {msg}")
+    return "\n".join(lines)
+
+
+def resolve_spec(spec: str) -> Path:
+    """A spec path, or the name of a spec in experiments/ (``demo`` -> experiments/demo.yaml)."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    named = EXPERIMENTS_DIR / f"{spec}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(f.stem for f in EXPERIMENTS_DIR.glob("*.yaml"))
+    raise UserInputError(
+        f"no spec file {spec!r} and no experiment named {spec!r}; known experiments: "
+        f"{', '.join(known) or '(none)'}"
+    )
+
+
+def finite(x: float) -> bool:
+    """True for a finite number (used when reading metrics back)."""
+    return isinstance(x, (int, float)) and math.isfinite(x)

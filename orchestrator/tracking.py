@@ -1,0 +1,249 @@
+"""MLflow tracking from the driver: a parent run per sweep, a child run per trial.
+
+All writes happen here, on the driver (head node); trials and actors only return
+numbers and files. Ray's MLflowLoggerCallback is not used: it has no nested runs, logs
+noise keys and duplicates runs after ``Tuner.restore``. This callback finds a trial's
+existing child run by tag after a restore and never re-logs a step it already has.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from orchestrator.errors import UserInputError
+
+DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
+DEFAULT_ARTIFACTS = "runs/mlartifacts"
+EPOCH_METRICS = (
+    "train/loss",
+    "train/acc",
+    "test/loss",
+    "test/acc",
+    "test/adv_acc",
+    "grad_norm",
+    "lr",
+)
+ROLE, TRIAL_ID, SWEEP_DIR = "hessweep.role", "hessweep.trial_id", "hessweep.sweep_dir"
+PARENT = "mlflow.parentRunId"
+CHECKPOINT = "hessweep.checkpoint"
+PARAM_EXCLUDE = ("data_root", "device", "eval_batch_size")
+_BATCH = 900
+_LIVE: dict[str, TrackingCallback] = {}
+
+
+def resolve_tracking_uri(explicit: str | None = None, spec_uri: str | None = None) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the spec's, else local SQLite."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or DEFAULT_TRACKING_URI
+
+
+def connect(tracking_uri: str) -> MlflowClient:
+    """A client for ``tracking_uri``, checked to answer before any training starts."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as err:  # any failure means the store is unusable
+        raise UserInputError(
+            f"the MLflow tracking store {tracking_uri!r} cannot be reached ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Start the server, fix --tracking-uri / "
+            "MLFLOW_TRACKING_URI, or unset them to use the local SQLite store."
+        ) from None
+    return client
+
+
+def experiment_id(client: MlflowClient, name: str, artifacts: str = DEFAULT_ARTIFACTS) -> str:
+    """The MLflow experiment called ``name``, created (with local artifacts) when missing."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:"):
+        location = Path(artifacts).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def clean_params(flat: dict[str, Any]) -> dict[str, str]:
+    """Only real hyper-parameters, as MLflow param strings."""
+    return {k: "null" if v is None else str(v) for k, v in flat.items() if k not in PARAM_EXCLUDE}
+
+
+def finite_metrics(metrics: dict[str, Any], step: int, keys: tuple[str, ...] | None = None):
+    """MLflow ``Metric`` entities for the finite numeric values among ``keys``."""
+    now = int(time.time() * 1000)
+    out = []
+    for key in keys or tuple(metrics):
+        value = metrics.get(key)
+        if isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out.append(Metric(key, float(value), now, step))
+    return out
+
+
+def log_batch(
+    client: MlflowClient,
+    run_id: str,
+    metrics: list[Metric] = (),
+    params: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+) -> None:
+    """``log_batch`` in chunks that respect MLflow's per-request limits."""
+    metrics = list(metrics)
+    p = [Param(k, v[:6000]) for k, v in (params or {}).items()]
+    t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for i in range(0, max(len(metrics), len(p), len(t), 1), _BATCH):
+        client.log_batch(
+            run_id, metrics=metrics[i : i + _BATCH], params=p[i : i + 100], tags=t[i : i + 100]
+        )
+
+
+def find_child(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str) -> str | None:
+    """The child run already made for ``trial_id`` under ``parent_id`` (after a restore)."""
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{PARENT}` = '{parent_id}' and tags.`{TRIAL_ID}` = '{trial_id}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def last_step(client: MlflowClient, run_id: str) -> int:
+    """The last epoch already logged on a run (0 when none)."""
+    history = client.get_metric_history(run_id, "train/loss")
+    return max((m.step for m in history), default=0)
+
+
+def run_label(config: dict[str, Any]) -> str:
+    """A short run name: ``bs=64 fgsm-0.1 seed=0``."""
+    robust = config.get("robust") or {}
+    method = robust.get("method", "none")
+    tag = "none" if method == "none" else f"{method}-{robust.get('epsilon', 0):g}"
+    return f"bs={config.get('batch_size')} {tag} seed={config.get('seed', 0)}"
+
+
+class TrackingCallback(Callback):
+    """Driver-side Tune callback writing the DESIGN.md MLflow contract for each trial.
+
+    Only the URI and run ids are pickled with the Tuner state, so a restored sweep
+    reconnects, finds each trial's child run by tag and continues it.
+    """
+
+    def __init__(self, tracking_uri: str, exp_id: str, parent_run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.exp_id = exp_id
+        self.parent_run_id = parent_run_id
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, str] = {}
+        self._steps: dict[str, int] = {}
+        self.on_complete = None
+        self.log_seconds = 0.0
+        _LIVE[parent_run_id] = self
+
+    @classmethod
+    def live(cls, parent_run_id: str) -> TrackingCallback:
+        """The callback instance Tune is using for this sweep (also after a restore)."""
+        return _LIVE[parent_run_id]
+
+    def child_run_id(self, trial_id: str) -> str | None:
+        """The child run of a trial seen now or in an earlier (interrupted) session."""
+        if trial_id not in self._runs:
+            found = find_child(self.client, self.exp_id, self.parent_run_id, trial_id)
+            if found is not None:
+                self._runs[trial_id] = found
+        return self._runs.get(trial_id)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: self.__dict__[k] for k in ("tracking_uri", "exp_id", "parent_run_id")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def child_run(self, trial: Any) -> str:
+        """The trial's child run id, created on first sight or found again after a restore."""
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        run_id = find_child(self.client, self.exp_id, self.parent_run_id, tid)
+        if run_id is None:
+            from trainables.config import parse_config
+
+            config = dict(trial.config)
+            run = self.client.create_run(
+                self.exp_id,
+                run_name=run_label(config),
+                tags={PARENT: self.parent_run_id, ROLE: "trial", TRIAL_ID: tid},
+            )
+            run_id = run.info.run_id
+            params = clean_params(parse_config(config).to_flat_dict())
+            log_batch(self.client, run_id, params=params)
+            self._steps[tid] = 0
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            self._steps[tid] = last_step(self.client, run_id)
+        self._runs[tid] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._timed(self.child_run, trial)
+
+    def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._timed(self.child_run, trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any):
+        self._timed(self._log_result, trial, result)
+
+    def _log_result(self, trial: Any, result: dict) -> None:
+        run_id = self.child_run(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if step <= self._steps.get(trial.trial_id, 0):
+            return
+        metrics = finite_metrics(result, step, EPOCH_METRICS)
+        tags = {"hessweep.diverged": "true"} if result.get("diverged") else None
+        log_batch(self.client, run_id, metrics, tags=tags)
+        self._steps[trial.trial_id] = step
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._timed(self._finish, trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._timed(self._finish, trial, "FAILED")
+
+    def _finish(self, trial: Any, status: str) -> None:
+        run_id = self.child_run(trial)
+        last = trial.last_result or {}
+        tags = {"hessweep.status": status.lower(), "hessweep.epochs": last.get("epoch", 0)}
+        if trial.checkpoint is not None:
+            tags[CHECKPOINT] = trial.checkpoint.path
+        if last.get("diverged"):
+            tags["hessweep.diverged"] = "true"
+        log_batch(self.client, run_id, tags=tags)
+        self.client.set_terminated(run_id, status=status)
+        if self.on_complete is not None and status == "FINISHED":
+            self.on_complete(trial, run_id)
+
+    def _timed(self, fn, *args) -> None:
+        start = time.perf_counter()
+        try:
+            fn(*args)
+        finally:
+            self.log_seconds += time.perf_counter() - start

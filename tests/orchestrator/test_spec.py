@@ -1,0 +1,139 @@
+"""Experiment specs: loading, overrides, param_space, and 20+ bad specs rejected clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.errors import UserInputError
+from orchestrator.spec import EXPERIMENTS_DIR, Experiment, resolve_spec
+
+BASE = {"name": "t", "dataset": "digits", "model": "m1", "batch_sizes": [16, 64]}
+
+
+def test_every_shipped_spec_is_valid():
+    names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    assert {"demo", "paper-mnist", "paper-cifar10", "paper-cifar100"} <= set(names)
+    for name in names:
+        exp = Experiment.from_yaml(resolve_spec(name))
+        assert exp.num_cells >= 1
+
+
+def test_demo_spec_matches_the_issue():
+    exp = Experiment.from_yaml(resolve_spec("demo"))
+    assert exp.dataset == "digits" and exp.model == "m1"
+    assert exp.batch_sizes == [16, 64, 256, "full"]
+    assert [r.label for r in exp.robust] == ["none", "fgsm-0.1"]
+    assert exp.training["target_train_loss"] > 0 and exp.hessian.top_k == 5
+
+
+def test_param_space_is_a_grid_plus_search_spaces():
+    from ray import tune
+
+    exp = Experiment.from_dict(
+        {
+            **BASE,
+            "robust": [{"method": "none"}, {"method": "fgsm", "epsilon": 0.1}],
+            "seeds": [0, 1],
+            "search": {"space": {"lr": {"loguniform": [0.001, 1.0]}}, "num_samples": 3},
+        }
+    )
+    space = exp.to_param_space()
+    assert space["batch_size"] == {"grid_search": [16, 64]}
+    assert space["seed"] == {"grid_search": [0, 1]}
+    assert [r["method"] for r in space["robust"]["grid_search"]] == ["none", "fgsm"]
+    assert isinstance(space["lr"], tune.search.sample.Float)
+    assert exp.num_cells == 8
+
+
+def test_overrides_return_a_new_validated_experiment():
+    exp = Experiment.from_dict(BASE)
+    new = exp.with_overrides(batch_sizes=[32, 512], **{"training.lr": 0.2})
+    assert new.batch_sizes == [32, 512] and new.training["lr"] == 0.2
+    assert exp.batch_sizes == [16, 64]
+    with pytest.raises(UserInputError, match="training.lr"):
+        exp.with_overrides(**{"training.lr": -1})
+
+
+BAD = [
+    ({"batch_sizes": []}, "batch_sizes"),
+    ({"batch_sizes": [0]}, "positive integer"),
+    ({"batch_sizes": [-4]}, "positive integer"),
+    ({"batch_sizes": ["huge"]}, "batch_sizes"),
+    ({"batch_sizes": [16, 16]}, "duplicates"),
+    ({"batch_sizes": [5000]}, "only 1437 examples"),
+    ({"robust": []}, "robust"),
+    ({"robust": [{"method": "fgsm", "epsilon": -0.1}]}, "greater than or equal to 0"),
+    ({"robust": [{"method": "fgsm"}]}, "needs epsilon > 0"),
+    ({"robust": [{"method": "cw", "epsilon": 0.1}]}, "robust.0.method"),
+    ({"robust": [{"method": "pgd", "epsilon": 0.1, "steps": 0}]}, "robust.0.steps"),
+    ({"robust": [{"method": "fgsm", "epsilon": 0.1, "adv_fraction": 1.5}]}, "adv_fraction"),
+    ({"seeds": []}, "seeds"),
+    ({"seeds": [-1]}, "seeds must be distinct"),
+    ({"model": "vgg99"}, "model"),
+    ({"dataset": "imagenet"}, "dataset"),
+    ({"foo": 1}, "foo: unknown field"),
+    ({"training": {"lrr": 0.1}}, "training.lrr"),
+    ({"training": {"batch_size": 8}}, "top level"),
+    ({"training": {"lr": 0}}, "lr"),
+    ({"training": {"max_epochs": 0}}, "max_epochs"),
+    ({"training": {"lr_scaling": "cubic"}}, "lr_scaling"),
+    ({"hessian": {"top_k": 0}}, "hessian.top_k"),
+    ({"hessian": {"dtype": "float16"}}, "hessian.dtype"),
+    ({"hessian": {"num_actors": 0}}, "hessian.num_actors"),
+    ({"hessian": {"unknown": 1}}, "hessian.unknown"),
+    ({"resources": {"gpus": -1}}, "resources.gpus"),
+    ({"name": "has space"}, "name"),
+    ({"storage": "ftp://x/y"}, "storage"),
+    ({"search": {"space": {"lr": {"normal": [0, 1]}}}}, "unknown distribution"),
+    ({"search": {"space": {"lr": {"loguniform": [0, 1]}}}}, "bounds must be > 0"),
+    ({"search": {"space": {"batch_size": {"choice": [1, 2]}}}}, "not a searchable"),
+    ({"search": {"num_samples": 0}}, "search.num_samples"),
+    ({"select": {"mode": "best"}}, "select.mode"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD, ids=[str(c) for c, _ in BAD])
+def test_bad_specs_exit_2_with_a_message_and_write_nothing(
+    change, message, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump({**BASE, **change}))
+    with pytest.raises(UserInputError, match=message):
+        Experiment.from_yaml(spec)
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "hessweep: error:" in err and "problem" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_file_level_errors(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert "no spec file" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed")
+    assert main(["validate", str(broken)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    assert main(["validate", str(listy)]) == 2
+    assert "mapping" in capsys.readouterr().err
+    assert main(["validate", "demo", "--set", "nokey"]) == 2
+    assert "expected key=value" in capsys.readouterr().err
+
+
+def test_validate_prints_the_grid(capsys):
+    assert main(["validate", "demo", "--set", "batch_sizes=[32,512]"]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "[32, 512]" in out
+
+
+def test_yaml_round_trip(tmp_path):
+    exp = Experiment.from_yaml(resolve_spec("demo"))
+    path = Path(tmp_path / "again.yaml")
+    path.write_text(exp.to_yaml())
+    assert Experiment.from_yaml(path) == exp
