@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -146,6 +147,8 @@ def parse_config(config: Mapping[str, Any] | TrainConfig) -> TrainConfig:
     if target is not None:
         target = _real("target_train_loss", target, low=0.0, low_open=True, also="or null")
     data_root = get("data_root")
+    if isinstance(data_root, os.PathLike):
+        data_root = os.fspath(data_root)
     if data_root is not None and not isinstance(data_root, str):
         raise ConfigError(
             f"config key 'data_root': got {data_root!r}; expected a path string or null"

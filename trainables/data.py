@@ -72,6 +72,23 @@ class ImageTensorDataset(Dataset):
         """All float images and labels."""
         return to_float_images(self.images), self.labels
 
+    def batches(
+        self, batch_size: int, device: str | torch.device = "cpu"
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The whole set, in order, as (float images, labels) chunks on `device`.
+
+        The form the Hessian operators take as `data` (every example exactly once).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return [
+            (
+                to_float_images(self.images[i : i + batch_size]).to(device),
+                self.labels[i : i + batch_size].to(device),
+            )
+            for i in range(0, len(self), batch_size)
+        ]
+
 
 def to_float_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 images to float32 in [0, 1]; float images unchanged."""

@@ -36,6 +36,10 @@ def test_round_trip_through_plain_dicts() -> None:
     assert flat["batch_size"] == "full"
 
 
+def test_data_root_accepts_paths(tmp_path) -> None:
+    assert parse_config({"data_root": tmp_path}).data_root == str(tmp_path)
+
+
 def test_step_schedule_every_n_epochs_expands_to_milestones() -> None:
     cfg = parse_config({"max_epochs": 10, "lr_schedule": {"type": "step", "epochs": 3}})
     assert cfg.lr_schedule.epochs == (3, 6, 9)

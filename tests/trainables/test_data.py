@@ -248,3 +248,12 @@ def test_crop_flip_is_seeded_and_takes_pixels_from_the_image() -> None:
     same = (c == x).flatten(1).all(1)
     mirrored = (c == x.flip(-1)).flatten(1).all(1)
     assert (same | mirrored).all() and same.any() and mirrored.any()
+
+
+def test_batches_cover_the_set_once_in_order() -> None:
+    data = load_dataset("digits").test
+    chunks = data.batches(100)
+    assert [len(y) for _, y in chunks] == [100, 100, 100, 60]
+    x, y = data.tensors()
+    assert torch.equal(torch.cat([c[0] for c in chunks]), x)
+    assert torch.equal(torch.cat([c[1] for c in chunks]), y)

@@ -42,7 +42,8 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _same_history(a: list[dict], b: list[dict]) -> bool:
     """Equal metric histories, NaN (e.g. test/adv_acc without an attack) equal to NaN."""
     return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]) for k in x)
+        x.keys() == y.keys()
+        and all(x[k] == y[k] or (math.isnan(x[k]) and math.isnan(y[k])) for k in x)
         for x, y in zip(a, b, strict=True)
     )
 
