@@ -1,0 +1,261 @@
+"""The Hessian phase for one trained model: weight-Hessian spectrum and input Hessians.
+
+The same code runs on a ``HessianPool`` (distributed) or on plain data (one process):
+both go through the ``.matvec`` operator interface and the same seeds, so they agree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from analysis.hessian import (
+    BatchedEigenResult,
+    WeightHessian,
+    hutchinson_trace,
+    input_hessian_spectrum,
+    lanczos,
+    slq_density,
+)
+from analysis.hessian.modelutil import LossFn
+from orchestrator.hessian_pool import HessianPool, as_tensors, without_grad
+
+INPUT_BLOCK = 50
+NEG_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class HessianSettings:
+    """What to compute for each trained model, and how precisely."""
+
+    top_k: int = 5
+    tol: float = 1e-6
+    max_iter: int | None = None
+    trace: bool = True
+    trace_rtol: float = 0.05
+    density: bool = True
+    density_probes: int = 4
+    density_steps: int = 60
+    input_samples: int = 200
+    input_k: int = 1
+    dtype: str = "float64"
+    seed: int = 0
+
+    def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a torch floating dtype (clear error for anything else)."""
+        value = getattr(torch, self.dtype, None)
+        if not isinstance(value, torch.dtype) or not value.is_floating_point:
+            raise ValueError(f"dtype must name a torch floating dtype, got {self.dtype!r}")
+        return value
+
+
+def _frozen(values: Any) -> np.ndarray:
+    """A read-only float64 numpy copy (reports are immutable)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    arr = np.array(values, dtype=np.float64)
+    arr.setflags(write=False)
+    return arr
+
+
+def _mean(arr: np.ndarray, stat: Callable[[np.ndarray], Any] = np.mean) -> float:
+    return float(stat(arr)) if len(arr) else float("nan")
+
+
+@dataclass(frozen=True, eq=False)
+class SpectrumReport:
+    """The Hessian analysis of one model, with how each number was obtained.
+
+    ``eigenvalues`` (descending), ``residuals`` (true ``||Hx - lambda x||``), ``converged``
+    and ``n_matvecs`` come from Lanczos on the exact weight Hessian of the mean training
+    loss. ``trace``/``trace_stderr`` (Hutchinson) and ``density_grid``/``density`` (SLQ)
+    are None when not asked for. ``input_eig_max``/``input_eig_min`` hold, per test sample,
+    the largest and smallest eigenvalue of the Hessian of its loss w.r.t. its input.
+
+    ``neg_fraction`` is the fraction of those samples whose smallest input-Hessian
+    eigenvalue is below ``-r * |largest|`` with ``r = max(1e-6, tol)``: clearly negative,
+    beyond what the solver's relative tolerance can resolve (NaN with no samples).
+    ``wall_times`` maps each part (lanczos, trace, density, input, total) to seconds.
+    """
+
+    eigenvalues: list[float]
+    residuals: list[float]
+    converged: bool
+    n_matvecs: int
+    trace: float | None
+    trace_stderr: float | None
+    density_grid: np.ndarray | None
+    density: np.ndarray | None
+    input_eig_max: np.ndarray
+    input_eig_min: np.ndarray
+    input_converged: np.ndarray
+    neg_fraction: float
+    wall_times: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """The MLflow metrics of the DESIGN.md contract; NaN where a part was not computed."""
+        out = {f"hessian/eig_{i + 1}": float(v) for i, v in enumerate(self.eigenvalues)}
+        nan = float("nan")
+        out["hessian/trace"] = nan if self.trace is None else float(self.trace)
+        out["hessian/trace_stderr"] = nan if self.trace_stderr is None else self.trace_stderr
+        out["hessian/n_matvecs"] = float(self.n_matvecs)
+        out["hessian/converged"] = 1.0 if self.converged else 0.0
+        out["input_hessian/eig_1_mean"] = _mean(self.input_eig_max)
+        out["input_hessian/eig_1_median"] = _mean(self.input_eig_max, np.median)
+        out["input_hessian/neg_fraction"] = float(self.neg_fraction)
+        out["input_hessian/min_eig_mean"] = _mean(self.input_eig_min)
+        return out
+
+
+def neg_fraction(eig_max: np.ndarray, eig_min: np.ndarray, rtol: float = NEG_RTOL) -> float:
+    """Fraction of samples with ``eig_min < -rtol * |eig_max|`` (NaN for no samples)."""
+    if not len(eig_max):
+        return float("nan")
+    return float(np.mean(eig_min < -rtol * np.abs(eig_max)))
+
+
+def _local_batches(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Plain data as batches: an (x, y) pair or a Dataset becomes one batch; loaders pass."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return [as_tensors(data)]
+    if isinstance(data, torch.utils.data.Dataset):
+        return [as_tensors(data)]
+    return data
+
+
+def _input_spectrum(
+    model: Any,
+    pool: HessianPool | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: HessianSettings,
+    loss_fn: LossFn,
+) -> BatchedEigenResult:
+    """Largest and smallest input-Hessian eigenvalues per sample, on the pool or locally."""
+    options = {
+        "k": settings.input_k,
+        "which": "both",
+        "tol": settings.tol,
+        "max_iter": settings.max_iter,
+        "seed": settings.seed + 3,
+        "batch_size": INPUT_BLOCK,
+        "dtype": settings.torch_dtype(),
+    }
+    if pool is not None:
+        return pool.input_hessian(model, x, y, loss_fn=loss_fn, **options)
+    return input_hessian_spectrum(without_grad(model), loss_fn, x, y, **options)
+
+
+def analyze_model(
+    model: nn.Module,
+    pool_or_data: HessianPool | Any,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    settings: HessianSettings | None = None,
+    progress: Callable[[str], None] | None = None,
+    loss_fn: LossFn | None = None,
+) -> SpectrumReport:
+    """Exact Hessian spectra of one trained model: weight Hessian over the whole training
+    set (top-k, trace, density) and input Hessians of the first ``input_samples`` test points.
+
+    ``pool_or_data`` is a ``HessianPool`` over the training set or the training data itself
+    ((x, y) tensors, a Dataset or an iterable of batches). Input-Hessian samples are solved
+    in blocks of ``INPUT_BLOCK`` seeded per block, identically on a pool and locally.
+    """
+    settings = settings or HessianSettings()
+    say = progress or (lambda _msg: None)
+    dtype = settings.torch_dtype()
+    pool = pool_or_data if isinstance(pool_or_data, HessianPool) else None
+    loss_fn = loss_fn or (pool.loss_fn if pool is not None else nn.CrossEntropyLoss())
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    handle = pool.put_model(model) if pool is not None else None
+    try:
+        if pool is not None:
+            op = pool.weight_hessian(handle, loss_fn=loss_fn, dtype=dtype)
+        else:
+            op = WeightHessian(model, loss_fn, _local_batches(pool_or_data), dtype=dtype)
+        k = min(settings.top_k, int(op.size))
+        t0 = time.perf_counter()
+        eig = lanczos(op, k=k, tol=settings.tol, seed=settings.seed, max_iter=settings.max_iter)
+        times["lanczos"] = time.perf_counter() - t0
+        state = "converged" if eig.converged else "NOT converged"
+        say(
+            f"lanczos {k}/{k} {state} after {eig.n_matvecs} matvecs, {times['lanczos']:.1f}s "
+            f"(lambda_max={eig.lambda_max:.4g})"
+        )
+        trace = stderr = None
+        if settings.trace:
+            t0 = time.perf_counter()
+            tr = hutchinson_trace(op, rtol=settings.trace_rtol, seed=settings.seed + 1)
+            times["trace"] = time.perf_counter() - t0
+            trace, stderr = tr.estimate, tr.stderr
+            say(f"trace {trace:.4g} +- {stderr:.2g} ({tr.n_probes} probes), {times['trace']:.1f}s")
+        grid = dens = None
+        if settings.density:
+            t0 = time.perf_counter()
+            sd = slq_density(
+                op,
+                n_probes=settings.density_probes,
+                steps=settings.density_steps,
+                seed=settings.seed + 2,
+            )
+            times["density"] = time.perf_counter() - t0
+            grid, dens = _frozen(sd.grid), _frozen(sd.density)
+            say(
+                f"density {sd.n_probes} probes x {settings.density_steps} steps "
+                f"({sd.n_matvecs} matvecs), {times['density']:.1f}s"
+            )
+        if pool is not None:
+            op.close()
+        n_in = min(settings.input_samples, int(test_x.shape[0]))
+        eig_max = eig_min = _frozen([])
+        in_conv = np.zeros(0, dtype=bool)
+        if n_in > 0:
+            t0 = time.perf_counter()
+            target = handle if pool is not None else model
+            res = _input_spectrum(target, pool, test_x[:n_in], test_y[:n_in], settings, loss_fn)
+            times["input"] = time.perf_counter() - t0
+            values = res.eigenvalues.detach().cpu()
+            eig_max, eig_min = _frozen(values[:, 0]), _frozen(values[:, -1])
+            in_conv = res.converged.numpy().copy()
+            in_conv.setflags(write=False)
+            say(
+                f"input hessian: {n_in} samples, lambda_max mean {eig_max.mean():.4g}, "
+                f"min eig mean {eig_min.mean():.3g}, {times['input']:.1f}s"
+            )
+    finally:
+        if handle is not None:
+            pool.release(handle)
+    times["total"] = time.perf_counter() - start
+    return SpectrumReport(
+        eigenvalues=[float(v) for v in eig.eigenvalues],
+        residuals=[float(r) for r in eig.residuals],
+        converged=bool(eig.converged),
+        n_matvecs=int(eig.n_matvecs),
+        trace=trace,
+        trace_stderr=stderr,
+        density_grid=grid,
+        density=dens,
+        input_eig_max=eig_max,
+        input_eig_min=eig_min,
+        input_converged=in_conv,
+        neg_fraction=neg_fraction(eig_max, eig_min, max(NEG_RTOL, settings.tol)),
+        wall_times=times,
+    )
+
+
+__all__ = [
+    "INPUT_BLOCK",
+    "NEG_RTOL",
+    "HessianSettings",
+    "SpectrumReport",
+    "analyze_model",
+    "neg_fraction",
+]
