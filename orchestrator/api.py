@@ -25,6 +25,8 @@ from orchestrator.tracking import (
     clean_params,
     connect,
     experiment_id,
+    finite_metrics,
+    log_batch,
     resolve_tracking_uri,
 )
 from trainables.data import load_dataset
@@ -42,6 +44,7 @@ class ExperimentResult:
     report_dir: Path
     result_grid: Any
     tracking_uri: str
+    sweep_dir: str
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -69,7 +72,7 @@ def run_experiment(
     progress(f"sweep {run_name}: {exp.num_cells} cell(s); MLflow run {parent_id} at {uri}")
     callback = TrackingCallback(uri, exp_id, parent_id)
     tuner = build_tuner(exp, run_name, [callback])
-    return _drive(exp, tuner, client, callback, parent_id, uri, progress)
+    return _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress)
 
 
 def resume_experiment(
@@ -77,9 +80,10 @@ def resume_experiment(
     address: str | None = None,
     tracking_uri: str | None = None,
     progress: Any = print,
+    storage: str = "runs/ray",
 ) -> ExperimentResult:
     """Finish an interrupted sweep: finished trials are kept, MLflow runs are continued."""
-    sweep_dir = find_sweep_dir(name_or_dir)
+    sweep_dir = find_sweep_dir(name_or_dir, storage)
     state = json.loads((Path(sweep_dir) / STATE_FILE).read_text())
     exp = Experiment.from_dict(state["spec"], source=f"{sweep_dir}/{STATE_FILE}")
     uri = tracking_uri or state["tracking_uri"]
@@ -90,7 +94,7 @@ def resume_experiment(
     progress(f"resuming {sweep_dir} (MLflow run {parent_id})")
     tuner = restore_tuner(exp, sweep_dir)
     callback = TrackingCallback.live(parent_id)
-    return _drive(exp, tuner, client, callback, parent_id, uri, progress)
+    return _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress)
 
 
 def find_sweep_dir(name_or_dir: str, storage: str = "runs/ray") -> str:
@@ -110,7 +114,7 @@ def find_sweep_dir(name_or_dir: str, storage: str = "runs/ray") -> str:
     return str(found[-1].resolve())
 
 
-def _drive(exp, tuner, client, callback, parent_id, uri, progress) -> ExperimentResult:
+def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) -> ExperimentResult:
     """Fit, select, analyse, tabulate and log; the parent run's status mirrors the outcome."""
     phase = HessianPhase(exp, client, progress)
     overlap = exp.hessian.enabled and exp.select is None and _room_for_actors(exp)
@@ -159,11 +163,13 @@ def _drive(exp, tuner, client, callback, parent_id, uri, progress) -> Experiment
         client.log_artifact(parent_id, str(parquet), "report")
         client.log_artifact(parent_id, str(md), "report")
         timings["tracking_s"] = callback.log_seconds
-        client.log_metrics(parent_id, {f"time/{k}": v for k, v in timings.items()})
+        log_batch(
+            client, parent_id, finite_metrics({f"time/{k}": v for k, v in timings.items()}, 0)
+        )
         failed = any(r.error is not None for r in grid)
         client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
         progress(to_markdown(table))
-        return ExperimentResult(table, parent_id, report_dir, grid, uri, timings)
+        return ExperimentResult(table, parent_id, report_dir, grid, uri, sweep_dir, timings)
     except KeyboardInterrupt:
         client.set_terminated(parent_id, status="KILLED")
         raise
@@ -216,8 +222,6 @@ def _init_ray(address: str | None) -> None:
 
 
 def _log_sweep_params(client, parent_id: str, exp: Experiment) -> None:
-    from orchestrator.tracking import log_batch
-
     params = {
         "dataset": exp.dataset,
         "model": exp.model,

@@ -65,7 +65,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.api import resume_experiment
 
     start = time.perf_counter()
-    result = resume_experiment(args.name, address=args.address, tracking_uri=args.tracking_uri)
+    result = resume_experiment(
+        args.name, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage
+    )
     _summary(result, time.perf_counter() - start)
     return 0
 
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="finish an interrupted sweep without re-running done trials")
     p.add_argument("name", help="experiment name (newest sweep) or a sweep folder under runs/ray")
+    p.add_argument("--storage", default="runs/ray", help="where the sweeps live (default runs/ray)")
     common(p)
     p.set_defaults(func=cmd_resume)
 

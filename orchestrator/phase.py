@@ -140,7 +140,9 @@ def _first(dataset: Any, n: int):
     """The first ``n`` (x, y) samples of a dataset as two tensors."""
     import torch
 
-    xs, ys = zip(*(dataset[i] for i in range(n)), strict=True) if n else ((), ())
-    if not n:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return torch.stack(list(xs)), torch.as_tensor(ys)
+    if hasattr(dataset, "tensors"):
+        x, y = dataset.tensors()
+        return x[:n], y[:n]
+    xs = [dataset[i][0] for i in range(n)]
+    ys = [int(dataset[i][1]) for i in range(n)]
+    return torch.stack(xs) if xs else torch.zeros(0), torch.tensor(ys, dtype=torch.long)

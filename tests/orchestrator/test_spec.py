@@ -54,7 +54,7 @@ def test_overrides_return_a_new_validated_experiment():
     new = exp.with_overrides(batch_sizes=[32, 512], **{"training.lr": 0.2})
     assert new.batch_sizes == [32, 512] and new.training["lr"] == 0.2
     assert exp.batch_sizes == [16, 64]
-    with pytest.raises(UserInputError, match="training.lr"):
+    with pytest.raises(UserInputError, match=r"training\.lr"):
         exp.with_overrides(**{"training.lr": -1})
 
 

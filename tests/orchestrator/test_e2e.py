@@ -1,0 +1,147 @@
+"""End to end on local Ray: a tiny sweep lands in MLflow exactly as DESIGN.md's contract says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from analysis.hessian import hessian_spectrum
+from orchestrator.api import resume_experiment, run_experiment
+from orchestrator.cli import main
+from orchestrator.spec import Experiment
+from trainables.train import load_trained
+
+SPEC = {
+    "name": "e2e",
+    "dataset": "synthetic",
+    "model": "mlp",
+    "batch_sizes": [32, "full"],
+    "robust": [{"method": "none"}],
+    "training": {"max_epochs": 2, "lr": 0.1, "eval_attack": {"method": "fgsm", "epsilon": 0.05}},
+    "hessian": {
+        "top_k": 2,
+        "trace_rtol": 0.3,
+        "density_probes": 1,
+        "density_steps": 8,
+        "input_samples": 8,
+        "num_actors": 1,
+        "cpus_per_actor": 1,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def finished(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    exp = Experiment.from_dict(
+        {**SPEC, "storage": str(root / "ray"), "tracking_uri": f"sqlite:///{root}/mlflow.db"}
+    )
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = run_experiment(exp, progress=lambda _: None)
+    finally:
+        os.chdir(cwd)
+    return exp, result, MlflowClient(result.tracking_uri), root
+
+
+def _children(client, result):
+    exp_id = client.get_run(result.parent_run_id).info.experiment_id
+    return client.search_runs(
+        [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
+    )
+
+
+def test_parent_and_child_runs_follow_the_contract(finished):
+    _, result, client, root = finished
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["hessweep.role"] == "sweep"
+    assert client.get_experiment(parent.info.experiment_id).name == "e2e"
+    children = _children(client, result)
+    assert len(children) == 2
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["hessweep.role"] == "trial" and run.data.tags["hessweep.trial_id"]
+        params = run.data.params
+        assert params["model"] == "mlp" and params["dataset"] == "synthetic"
+        assert params["batch_size"] in ("32", "full") and params["robust.method"] == "none"
+        assert {"lr", "seed", "robust.epsilon", "momentum"} <= set(params)
+        assert not {"data_root", "device"} & set(params)
+        for key in (
+            "train/loss",
+            "train/acc",
+            "test/loss",
+            "test/acc",
+            "test/adv_acc",
+            "grad_norm",
+            "lr",
+        ):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert steps == [1, 2], key
+        metrics = run.data.metrics
+        assert metrics["hessian/eig_1"] >= metrics["hessian/eig_2"]
+        assert {"hessian/trace", "input_hessian/eig_1_mean", "input_hessian/neg_fraction"} <= set(
+            metrics
+        )
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "spectrum")}
+        assert {"spectrum/eigenvalues.parquet", "spectrum/density.parquet"} <= files
+        plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert {"plots/eigenvalues.png", "plots/density.png"} <= plots
+    report = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    assert report == {"report/report.md", "report/table.parquet"}
+    assert (root / "runs/reports/e2e/table.parquet").is_file()
+
+
+def test_table_holds_the_engines_numbers(finished):
+    _, result, client, _ = finished
+    table = result.table
+    assert list(table["batch_size"]) == ["32", "full"]
+    for _, row in table.iterrows():
+        run = client.get_run(row["run_id"])
+        assert row["lambda_max"] == pytest.approx(run.data.metrics["hessian/eig_1"])
+        ckpt = run.data.tags["hessweep.checkpoint"]
+        trained = load_trained(ckpt)
+        local = hessian_spectrum(
+            trained.model,
+            nn.CrossEntropyLoss(),
+            [trained.train_data.tensors()],
+            top_k=2,
+            dtype=torch.float64,
+        )
+        assert row["lambda_max"] == pytest.approx(float(local.eigenvalues[0]), rel=1e-6)
+
+
+def test_resume_of_a_finished_sweep_duplicates_nothing(finished):
+    _, result, client, root = finished
+    before = {
+        r.info.run_id: len(client.get_metric_history(r.info.run_id, "train/loss"))
+        for r in _children(client, result)
+    }
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        again = resume_experiment("e2e", storage=str(root / "ray"), progress=lambda _: None)
+    finally:
+        os.chdir(cwd)
+    assert again.parent_run_id == result.parent_run_id and again.sweep_dir == result.sweep_dir
+    after = {
+        r.info.run_id: len(client.get_metric_history(r.info.run_id, "train/loss"))
+        for r in _children(client, result)
+    }
+    assert after == before
+    assert len(again.table) == 2
+
+
+def test_unreachable_tracking_store_fails_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "demo", "--tracking-uri", "http://127.0.0.1:9"])
+    assert code == 2
+    assert "cannot be reached" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "ray").exists()
