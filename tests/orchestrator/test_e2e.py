@@ -145,3 +145,33 @@ def test_unreachable_tracking_store_fails_before_training(tmp_path, capsys, monk
     assert code == 2
     assert "cannot be reached" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "ray").exists()
+
+
+def test_search_spaces_and_select_keep_one_trial_per_cell(ray_session, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exp = Experiment.from_dict(
+        {
+            **SPEC,
+            "name": "select",
+            "training": {"max_epochs": 1},
+            "search": {"space": {"lr": {"grid": [0.001, 0.3]}}},
+            "select": {"metric": "test/acc", "mode": "max"},
+            "hessian": {"enabled": False},
+            "storage": str(tmp_path / "ray"),
+            "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+        }
+    )
+    result = run_experiment(exp, progress=lambda _: None)
+    client = MlflowClient(result.tracking_uri)
+    children = _children(client, result)
+    assert len(children) == 4
+    assert sorted(r.data.params["lr"] for r in children) == ["0.001", "0.001", "0.3", "0.3"]
+    kept = [r for r in children if r.data.tags["hessweep.selected"] == "true"]
+    assert len(kept) == 2 and len(result.table) == 2
+    for run in kept:
+        same_cell = [
+            r for r in children if r.data.params["batch_size"] == run.data.params["batch_size"]
+        ]
+        best = max(r.data.metrics["test/acc"] for r in same_cell)
+        assert run.data.metrics["test/acc"] == best
+    assert set(result.table["run_id"]) == {r.info.run_id for r in kept}

@@ -1,0 +1,80 @@
+"""A sweep whose driver is killed mid-training resumes without duplicate runs or steps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.api import resume_experiment
+
+SPEC = {
+    "name": "killed",
+    "dataset": "synthetic",
+    "model": "mlp",
+    "batch_sizes": [8, 16],
+    "training": {"max_epochs": 150, "lr": 0.02},
+    "hessian": {"top_k": 1, "trace": False, "density": False, "input_samples": 4},
+}
+
+
+def _steps(client: MlflowClient, run_id: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, "train/loss")]
+
+
+def _children(client: MlflowClient):
+    exp = client.get_experiment_by_name("killed")
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string="tags.`hessweep.role` = 'trial'")
+
+
+def test_driver_killed_mid_sweep_resumes_without_duplicates(ray_session, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = tmp_path / "killed.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "storage": str(tmp_path / "ray"), "tracking_uri": uri}))
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(spec)],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = MlflowClient(uri)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                runs = _children(client)
+                if runs and max(len(_steps(client, r.info.run_id)) for r in runs) >= 3:
+                    break
+            except Exception:  # the store may not exist yet
+                continue
+        else:
+            raise AssertionError("the sweep never logged 3 epochs")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {r.info.run_id: _steps(client, r.info.run_id) for r in _children(client)}
+    assert all(len(s) < 150 for s in before.values()), "killed too late to test a resume"
+
+    result = resume_experiment("killed", storage=str(tmp_path / "ray"), progress=lambda _: None)
+    after = _children(client)
+    assert len(after) == 2
+    assert set(before) <= {r.info.run_id for r in after}
+    for run in after:
+        steps = _steps(client, run.info.run_id)
+        assert steps == sorted(set(steps)), "a step was logged twice"
+        assert steps == list(range(1, len(steps) + 1))
+        assert run.data.metrics["hessian/eig_1"] > 0
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    assert len(result.table) == 2
