@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -179,9 +180,10 @@ class ShardActor:
         )
 
     def info(self) -> dict[str, Any]:
-        """What this actor holds (process id, device, shard size, cached entries)."""
+        """What this actor holds and has used (pid, device, shard size, cache, CPU seconds)."""
         return {
             "pid": os.getpid(),
+            "cpu_seconds": time.process_time(),
             "device": str(self.device),
             "num_samples": self.num_samples,
             "models": list(self.models),
@@ -229,7 +231,9 @@ class ShardedWeightHessian:
             raise ValueError(
                 f"expected a flat vector of shape ({self.size},), got {tuple(v.shape)}"
             )
-        ref = ray.put(v.detach().to(device="cpu", dtype=self.dtype).contiguous())
+        # A fresh copy: a view (solvers pass rows of their Krylov basis) would pickle
+        # its whole storage into the object store.
+        ref = ray.put(v.detach().to(device="cpu", dtype=self.dtype).clone())
         parts = ray.get([a.matvec.remote(self.recipe, ref) for a in self.pool.actors])
         total = parts[0]
         for part in parts[1:]:

@@ -210,3 +210,15 @@ def test_bad_arguments_are_named(data):
         HessianPool(data, chunk_size=0)
     with pytest.raises(TypeError, match="Dataset"):
         as_tensors(42)
+
+
+def test_matvec_ships_only_the_vector_not_its_storage(pool, monkeypatch):
+    """Solvers pass rows of their Krylov basis: only the row may go to the object store."""
+    sent = []
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda obj, **kw: sent.append(obj) or real_put(obj, **kw))
+    with pool.weight_hessian(make_mlp()) as op:
+        basis = torch.randn(40, op.size, dtype=torch.float64)
+        op.matvec(basis[7])
+    (vec,) = [s for s in sent if isinstance(s, torch.Tensor)]
+    assert vec.untyped_storage().nbytes() == op.size * 8
