@@ -15,6 +15,7 @@ import ray
 
 from orchestrator.errors import UserInputError
 from orchestrator.phase import HessianPhase
+from orchestrator.redact import redact_text
 from orchestrator.results import build_table, save_table, to_markdown, trial_row
 from orchestrator.spec import Experiment
 from orchestrator.sweep import build_tuner, restore_tuner, select_best, storage_path
@@ -66,10 +67,12 @@ def run_experiment(
         exp_id, run_name=run_name, tags={ROLE: "sweep", SWEEP_DIR: sweep_dir}
     )
     parent_id = parent.info.run_id
-    client.log_text(parent_id, exp.to_yaml(), "spec.yaml")
+    client.log_text(parent_id, exp.to_yaml(redacted=True), "spec.yaml")
     _log_sweep_params(client, parent_id, exp)
     _write_state(sweep_dir, exp, parent_id, uri)
-    progress(f"sweep {run_name}: {exp.num_cells} cell(s); MLflow run {parent_id} at {uri}")
+    progress(
+        f"sweep {run_name}: {exp.num_cells} cell(s); MLflow run {parent_id} at {redact_text(uri)}"
+    )
     callback = TrackingCallback(uri, exp_id, parent_id)
     tuner = build_tuner(exp, run_name, [callback])
     return _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress)
@@ -158,7 +161,10 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
         ]
         table = build_table(rows)
         report_dir = REPORTS_DIR / exp.name
-        header = f"# {exp.name}\n\n{exp.description}\n\nMLflow parent run `{parent_id}` at `{uri}`"
+        header = (
+            f"# {exp.name}\n\n{exp.description}\n\n"
+            f"MLflow parent run `{parent_id}` at `{redact_text(uri)}`"
+        )
         parquet, md = save_table(table, report_dir, header)
         client.log_artifact(parent_id, str(parquet), "report")
         client.log_artifact(parent_id, str(md), "report")

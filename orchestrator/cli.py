@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import UserInputError
+from orchestrator.redact import redact_text
 
 EXIT_USAGE = 2
 
@@ -78,7 +79,7 @@ def _summary(result: Any, wall: float) -> None:
         f"\nwall time {wall:.1f}s (training {t.get('training_s', 0):.1f}s, Hessian "
         f"{t.get('hessian_s', 0):.1f}s, tracking {t.get('tracking_s', 0):.1f}s)\n"
         f"table: {result.report_dir}/table.parquet and report.md\n"
-        f"MLflow parent run {result.parent_run_id} at {result.tracking_uri}\n"
+        f"MLflow parent run {result.parent_run_id} at {redact_text(result.tracking_uri)}\n"
         "open the UI with: hessweep ui   (then http://127.0.0.1:5000)"
     )
 
@@ -110,7 +111,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    print(f"MLflow UI for {redact_text(uri)} on http://{args.host}:{args.port} (Ctrl-C to stop)")
     return subprocess.call(cmd)
 
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import UserInputError
+from orchestrator.redact import redact
 from trainables.config import ConfigError, TrainConfig, parse_config
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -283,9 +284,10 @@ class Experiment(_Strict):
                 space[key] = search_domain(dist)
         return space
 
-    def to_yaml(self) -> str:
-        """The spec as YAML (round-trips through ``from_yaml``)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, redacted: bool = False) -> str:
+        """The spec as YAML (round-trips through ``from_yaml``); ``redacted`` masks secrets."""
+        data = self.model_dump(mode="json")
+        return yaml.safe_dump(redact(data) if redacted else data, sort_keys=False)
 
 
 def spec_field_message(message: str) -> str:

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from orchestrator.errors import UserInputError
+from orchestrator.redact import redact_text
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_ARTIFACTS = "runs/mlartifacts"
@@ -56,9 +57,10 @@ def connect(tracking_uri: str) -> MlflowClient:
         client.search_experiments(max_results=1)
     except Exception as err:  # any failure means the store is unusable
         raise UserInputError(
-            f"the MLflow tracking store {tracking_uri!r} cannot be reached ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}). Start the server, fix --tracking-uri / "
-            "MLFLOW_TRACKING_URI, or unset them to use the local SQLite store."
+            f"the MLflow tracking store {redact_text(tracking_uri)!r} cannot be reached "
+            f"({type(err).__name__}: {redact_text(str(err).splitlines()[0][:200])}). Start the "
+            "server, fix --tracking-uri / MLFLOW_TRACKING_URI, or unset them to use the local "
+            "SQLite store."
         ) from None
     return client
 
