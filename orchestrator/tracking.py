@@ -31,6 +31,7 @@ EPOCH_METRICS = (
     "test/adv_acc",
     "grad_norm",
     "lr",
+    "hessian/eig_1_epoch",
 )
 ROLE, TRIAL_ID, SWEEP_DIR = "hessweep.role", "hessweep.trial_id", "hessweep.sweep_dir"
 PARENT = "mlflow.parentRunId"

@@ -78,6 +78,7 @@ class TrainConfig:
     device: str = "auto"
     augment: bool = False
     eval_batch_size: int = 1024
+    hessian_every: int | None = None
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> TrainConfig:
@@ -161,6 +162,9 @@ def parse_config(config: Mapping[str, Any] | TrainConfig) -> TrainConfig:
     augment = get("augment", defaults.augment)
     if not isinstance(augment, bool):
         raise ConfigError(f"config key 'augment': got {augment!r}; expected true or false")
+    hessian_every = get("hessian_every")
+    if hessian_every is not None:
+        hessian_every = _int("hessian_every", hessian_every, 1, also="or null")
 
     return TrainConfig(
         dataset=_choice("dataset", get("dataset", defaults.dataset), DATASET_NAMES),
@@ -191,6 +195,7 @@ def parse_config(config: Mapping[str, Any] | TrainConfig) -> TrainConfig:
         eval_batch_size=_int(
             "eval_batch_size", get("eval_batch_size", defaults.eval_batch_size), 1
         ),
+        hessian_every=hessian_every,
     )
 
 

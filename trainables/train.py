@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.hessian import WeightHessian, lanczos
 from trainables.attacks import attack
 from trainables.checkpoint import (
     FORMAT_VERSION,
@@ -53,6 +54,10 @@ METRIC_KEYS = (
     "converged",
     "diverged",
 )
+
+CURVATURE_KEY = "hessian/eig_1_epoch"
+CURVATURE_SAMPLES = 512
+CURVATURE_TOL = 1e-3
 
 Metrics = dict[str, float]
 SaveFn = Callable[[Path], Path]
@@ -282,6 +287,8 @@ def _run(
         metrics = _epoch_metrics(cfg, state, (x_train, y_train), (x_test, y_test))
         metrics.update(grad_norm=grad_norm, lr=lr)
         diverged = step_diverged or not math.isfinite(metrics["train/loss"])
+        if cfg.hessian_every and state.epoch % cfg.hessian_every == 0 and not diverged:
+            metrics[CURVATURE_KEY] = curvature(state.model, x_train, y_train, cfg.seed)
         target = cfg.target_train_loss
         metrics["diverged"] = int(diverged)
         metrics["converged"] = int(
@@ -344,6 +351,17 @@ def _train_epoch(
     return _mean(norms), lr, False
 
 
+def curvature(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, seed: int) -> float:
+    """lambda_max of the float32 loss Hessian on the first CURVATURE_SAMPLES training examples.
+
+    A cheap, fixed-subset estimate for watching curvature during training (the exact
+    full-set spectrum is the Hessian phase's job); seeded, eval mode, model unchanged.
+    """
+    x = to_float_images(x_train[:CURVATURE_SAMPLES])
+    op = WeightHessian(model, nn.CrossEntropyLoss(), [(x, y_train[:CURVATURE_SAMPLES])])
+    return lanczos(op, k=1, tol=CURVATURE_TOL, seed=seed).lambda_max
+
+
 def _grad_norm(model: nn.Module) -> torch.Tensor:
     """L2 norm of all parameter gradients together (before weight decay and momentum)."""
     grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
@@ -389,6 +407,7 @@ def _epoch_metrics(
 
 
 __all__ = [
+    "CURVATURE_KEY",
     "METRIC_KEYS",
     "TrainedModel",
     "fit",
