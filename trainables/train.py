@@ -41,6 +41,7 @@ from trainables.data import (
 from trainables.evaluate import evaluate
 from trainables.models import build_seeded_model
 from trainables.schedule import make_scheduler, scaled_lr
+from trainables.tune_checkpoint import load_tune_checkpoint
 
 METRIC_KEYS = (
     "epoch",
@@ -165,8 +166,8 @@ def train_classifier(config: dict[str, Any]) -> None:
     state = _new_state(cfg, data, device)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            _restore(state, load_checkpoint(folder, map_location=device), cfg, folder)
+        payload, source = load_tune_checkpoint(checkpoint, map_location=device)
+        _restore(state, payload, cfg, source)
 
     def hook(metrics: Metrics, save: SaveFn) -> None:
         with tempfile.TemporaryDirectory(prefix="hessweep-ckpt-") as tmp:
