@@ -28,6 +28,13 @@ def storage_path(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
+def quiet_tune() -> None:
+    """Use the classic progress table (the new output ignores reporters) and drop the
+    snapshot-frequency warning that every per-epoch checkpoint of a short epoch triggers."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 def trainable(exp: Experiment) -> Any:
     """The trial function with its per-trial Ray resources (fractional GPUs allowed)."""
     return tune.with_resources(
@@ -49,8 +56,8 @@ def reporter(exp: Experiment) -> tune.CLIReporter:
 
 def build_tuner(exp: Experiment, run_name: str, callbacks: list[Any]) -> tune.Tuner:
     """A Tuner over the spec's param_space, writing under ``storage/run_name``."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    scheduler, tune_kwargs = None, {}
+    quiet_tune()
+    scheduler = None
     if exp.search and exp.search.scheduler == "asha":
         max_t = int(exp.training.get("max_epochs", 20))
         scheduler = tune.schedulers.ASHAScheduler(
@@ -64,7 +71,7 @@ def build_tuner(exp: Experiment, run_name: str, callbacks: list[Any]) -> tune.Tu
         num_samples=exp.search.num_samples if exp.search else 1,
         scheduler=scheduler,
         max_concurrent_trials=exp.max_concurrent_trials,
-        **tune_kwargs,
+        reuse_actors=True,
     )
     run_config = RunConfig(
         name=run_name,
@@ -85,7 +92,7 @@ def build_tuner(exp: Experiment, run_name: str, callbacks: list[Any]) -> tune.Tu
 
 def restore_tuner(exp: Experiment, path: str) -> tune.Tuner:
     """Reopen an interrupted sweep: finished trials stay finished, the rest continue."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    quiet_tune()
     return tune.Tuner.restore(
         path, trainable=trainable(exp), resume_unfinished=True, resume_errored=True
     )

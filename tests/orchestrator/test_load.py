@@ -21,7 +21,7 @@ def test_64_trials_all_tracked(ray_session, tmp_path, monkeypatch):
             "name": "load",
             "dataset": "synthetic",
             "model": "mlp",
-            "batch_sizes": [8, 16, 32, 64, 128, "full"] + [24, 48],
+            "batch_sizes": [8, 16, 24, 32, 48, 64, 128, "full"],
             "robust": [{"method": "none"}, {"method": "fgsm", "epsilon": 0.05}],
             "seeds": [0, 1, 2, 3],
             "training": {"max_epochs": 2, "lr": 0.05, "eval_attack": {"method": "none"}},
