@@ -19,6 +19,7 @@ $(BENCH_STAMP): $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/hessweep run demo
+	$(VENV)/bin/hessweep report demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

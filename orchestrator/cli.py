@@ -91,6 +91,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import ReportError, build_report
+    from orchestrator.tracking import connect, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    connect(uri)
+    try:
+        result = build_report(None if args.run_id else args.name, args.run_id, tracking_uri=uri)
+    except ReportError as err:
+        raise UserInputError(str(err)) from None
+    print("\nFindings (Yao et al. 2018):")
+    for f in result.findings:
+        print(f"  {f.number}. [{f.verdict}] {f.claim}")
+        for line in f.evidence:
+            print(f"       {line}")
+    print(f"\nreport: {result.html}\n        {result.markdown}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from orchestrator.tracking import DEFAULT_ARTIFACTS, resolve_tracking_uri
 
@@ -163,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_analyze)
 
+    p = sub.add_parser("report", help="the paper's tables, figures and findings from MLflow")
+    p.add_argument("name", nargs="?", help="experiment name (its newest sweep)")
+    p.add_argument("--run-id", help="a sweep's parent run id instead of the newest sweep")
+    common(p, address=False)
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("ui", help="serve the MLflow UI for the tracking store (127.0.0.1)")
     common(p, address=False)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -175,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessweep`` console script."""
     from trainables.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "report" and not (args.name or args.run_id):
+        parser.error("report needs an experiment NAME or --run-id")
     try:
         return args.func(args)
     except (UserInputError, ConfigError) as err:

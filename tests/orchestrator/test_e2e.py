@@ -175,3 +175,18 @@ def test_search_spaces_and_select_keep_one_trial_per_cell(ray_session, tmp_path,
         best = max(r.data.metrics["test/acc"] for r in same_cell)
         assert run.data.metrics["test/acc"] == best
     assert set(result.table["run_id"]) == {r.info.run_id for r in kept}
+
+
+def test_cli_report_and_analyze_on_the_finished_sweep(finished, capsys, monkeypatch):
+    _, result, client, root = finished
+    monkeypatch.chdir(root)
+    uri = result.tracking_uri
+    assert main(["report", "e2e", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "Findings" in out and (root / "runs/reports/e2e/report.html").is_file()
+    assert main(["report", "no-such-experiment", "--tracking-uri", uri]) == 2
+    run_id = result.table["run_id"][0]
+    before = client.get_run(run_id).data.metrics["hessian/eig_1"]
+    assert main(["analyze", run_id, "--tracking-uri", uri]) == 0
+    assert client.get_run(run_id).data.metrics["hessian/eig_1"] == pytest.approx(before, rel=1e-9)
+    assert main(["analyze", "0" * 32, "--tracking-uri", uri]) == 2
