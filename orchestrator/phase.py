@@ -35,6 +35,7 @@ def settings_for(exp: Experiment) -> HessianSettings:
         max_iter=h.max_iter,
         trace=h.trace,
         trace_rtol=h.trace_rtol,
+        trace_max_probes=h.trace_max_probes,
         density=h.density,
         density_probes=h.density_probes,
         density_steps=h.density_steps,

@@ -126,6 +126,7 @@ class HessianSpec(_Strict):
     max_iter: int | None = Field(None, ge=1)
     trace: bool = True
     trace_rtol: float = Field(0.05, gt=0.0, lt=1.0)
+    trace_max_probes: int = Field(200, ge=10)
     density: bool = True
     density_probes: int = Field(4, ge=1)
     density_steps: int = Field(60, ge=2)

@@ -39,6 +39,7 @@ class HessianSettings:
     max_iter: int | None = None
     trace: bool = True
     trace_rtol: float = 0.05
+    trace_max_probes: int = 200
     density: bool = True
     density_probes: int = 4
     density_steps: int = 60
@@ -193,7 +194,12 @@ def analyze_model(
         trace = stderr = None
         if settings.trace:
             t0 = time.perf_counter()
-            tr = hutchinson_trace(op, rtol=settings.trace_rtol, seed=settings.seed + 1)
+            tr = hutchinson_trace(
+                op,
+                rtol=settings.trace_rtol,
+                max_probes=settings.trace_max_probes,
+                seed=settings.seed + 1,
+            )
             times["trace"] = time.perf_counter() - t0
             trace, stderr = tr.estimate, tr.stderr
             say(f"trace {trace:.4g} +- {stderr:.2g} ({tr.n_probes} probes), {times['trace']:.1f}s")
