@@ -1,0 +1,289 @@
+"""The paper's four findings (DESIGN.md), each checked against one sweep with its statistic.
+
+Verdicts are Supported, Not supported or Not enough data, decided by fixed rules (see
+``RULES``) so they never say more than the sweep shows. Trends in batch size use
+Spearman's rho (``scipy.stats.spearmanr``) with a one-sided permutation p-value in the
+direction the paper claims (exact for small sweeps; the asymptotic p-value of
+``spearmanr`` is far too small for four points).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis.report.table import robust_order
+
+SUPPORTED, NOT_SUPPORTED, NOT_ENOUGH = "Supported", "Not supported", "Not enough data"
+ALPHA = 0.05
+MIN_RHO = 0.5
+MIN_BATCH_SIZES = 3
+MIN_INPUT_SAMPLES = 20
+MAX_NEG_FRACTION = 0.01
+MAX_NEG_RATIO = 1e-3
+PERMUTATIONS = 20000
+
+CLAIMS = {
+    1: "Large-batch training converges to points with a larger Hessian spectrum "
+    "(lambda_max of the weight Hessian grows with batch size).",
+    2: "Large-batch models are less robust: adversarial accuracy falls and the input-Hessian "
+    "lambda_max grows with batch size.",
+    3: "Robust (adversarial) training favours flatter minima: a smaller lambda_max than plain "
+    "training at every batch size.",
+    4: "The inner maximisation of robust training is saddle-free almost everywhere: "
+    "input-Hessian eigenvalues are (numerically) non-negative.",
+}
+RULES = (
+    f"A batch-size trend (findings 1 and 2) is tested per robust setting with Spearman's rho "
+    f"over trials (each seed a point) and a one-sided permutation p-value in the claimed "
+    f"direction. It agrees when rho has the claimed sign with |rho| >= {MIN_RHO} and "
+    f"p < {ALPHA}; it is inconclusive when rho has the claimed sign and |rho| >= {MIN_RHO} but "
+    f"p >= {ALPHA}; otherwise it contradicts. It needs {MIN_BATCH_SIZES} or more batch sizes "
+    "with finite values.",
+    "A finding is Supported when every testable part agrees, Not supported when any part "
+    "contradicts, and Not enough data otherwise (nothing testable, or only inconclusive parts).",
+    "Finding 3 compares lambda_max per batch size: the robust setting is flatter there when "
+    "its largest seed value is below the smallest plain one, and contradicts when its mean is "
+    "not below the plain mean. Supported needs flatter at every shared batch size, and at "
+    "least two of them.",
+    f"Finding 4 pools the input-Hessian samples of all trials: Supported when at most "
+    f"{MAX_NEG_FRACTION:.0%} of samples have a clearly negative smallest eigenvalue (the "
+    f"sweep's own neg_fraction rule) and the most negative eigenvalue is within "
+    f"{MAX_NEG_RATIO:g} of the largest in magnitude; it needs {MIN_INPUT_SAMPLES} samples.",
+)
+
+
+@dataclass(frozen=True)
+class Trend:
+    """One Spearman test of a quantity against batch size within one robust setting."""
+
+    robust: str
+    quantity: str
+    n_points: int
+    n_batch_sizes: int
+    rho: float
+    p_value: float
+    outcome: str
+
+    def describe(self) -> str:
+        """One line of evidence."""
+        if self.outcome == "too few":
+            return (
+                f"{self.robust}: {self.quantity} has {self.n_batch_sizes} batch size(s) with "
+                f"finite values; a trend needs {MIN_BATCH_SIZES}"
+            )
+        line = (
+            f"{self.robust}: Spearman rho(batch size, {self.quantity}) = {self.rho:+.2f}, "
+            f"one-sided p = {self.p_value:.3g} over {self.n_points} trials at "
+            f"{self.n_batch_sizes} batch sizes -> {self.outcome}"
+        )
+        if self.outcome == "inconclusive" and self.n_points <= 5:
+            floor = 1 / math.factorial(self.n_points)
+            line += f" ({self.n_points} trials cannot give p below {floor:.3g}: add seeds or sizes)"
+        return line
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One of the paper's claims, this sweep's verdict, and the evidence behind it."""
+
+    number: int
+    claim: str
+    verdict: str
+    evidence: tuple[str, ...]
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+
+def one_sided_spearman(
+    x: np.ndarray, y: np.ndarray, sign: int, seed: int = 0
+) -> tuple[float, float]:
+    """Spearman's rho and the permutation p-value of a trend at least as strong in ``sign``'s
+    direction (exact up to 7 points, else ``PERMUTATIONS`` seeded random pairings)."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan
+    rho = float(stats.spearmanr(x, y).statistic)
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+
+    def statistic(ranks_y: np.ndarray, axis: int = -1) -> np.ndarray:
+        a = rx - rx.mean()
+        b = ranks_y - ranks_y.mean(axis=axis, keepdims=True)
+        return (a * b).sum(axis=axis) / np.sqrt((a**2).sum() * (b**2).sum(axis=axis))
+
+    res = stats.permutation_test(
+        (ry,),
+        statistic,
+        permutation_type="pairings",
+        vectorized=True,
+        n_resamples=PERMUTATIONS,
+        alternative="greater" if sign > 0 else "less",
+        rng=np.random.default_rng(seed),
+    )
+    return rho, float(res.pvalue)
+
+
+def batch_trends(trials: pd.DataFrame, column: str, quantity: str, sign: int) -> list[Trend]:
+    """The trend of ``column`` in batch size for each robust setting (non-diverged trials)."""
+    out = []
+    for robust in robust_order(list(trials["robust"])):
+        cell = trials[(trials["robust"] == robust) & ~trials["diverged"].astype(bool)]
+        cell = cell[np.isfinite(cell[column].astype(float))]
+        n_batches = cell["batch_size"].nunique()
+        if n_batches < MIN_BATCH_SIZES:
+            out.append(Trend(robust, quantity, len(cell), n_batches, math.nan, math.nan, "too few"))
+            continue
+        x, y = cell["batch_value"].to_numpy(float), cell[column].to_numpy(float)
+        rho, p = one_sided_spearman(x, y, sign)
+        strong = not math.isnan(rho) and sign * rho >= MIN_RHO
+        if strong and p < ALPHA:
+            outcome = "agrees"
+        elif strong:
+            outcome = "inconclusive"
+        else:
+            outcome = "contradicts"
+        out.append(Trend(robust, quantity, len(cell), n_batches, rho, p, outcome))
+    return out
+
+
+def combine(outcomes: list[str]) -> str:
+    """The verdict from the parts' outcomes ('agrees', 'contradicts', 'inconclusive', ...)."""
+    tested = [o for o in outcomes if o in ("agrees", "contradicts", "inconclusive")]
+    if any(o == "contradicts" for o in tested):
+        return NOT_SUPPORTED
+    if tested and all(o == "agrees" for o in tested):
+        return SUPPORTED
+    return NOT_ENOUGH
+
+
+def _trend_stats(trends: list[Trend]) -> dict[str, Any]:
+    return {
+        f"{t.quantity} | {t.robust}": {"rho": t.rho, "p_value": t.p_value, "n": t.n_points}
+        for t in trends
+    }
+
+
+def finding_batch_sharpness(trials: pd.DataFrame) -> Finding:
+    """Finding 1: lambda_max rises with batch size in every robust setting."""
+    trends = batch_trends(trials, "lambda_max", "lambda_max", +1)
+    verdict = combine([t.outcome for t in trends])
+    return Finding(1, CLAIMS[1], verdict, tuple(t.describe() for t in trends), _trend_stats(trends))
+
+
+def finding_batch_robustness(trials: pd.DataFrame) -> Finding:
+    """Finding 2: adversarial accuracy falls and input-Hessian lambda_max rises with batch."""
+    adv = batch_trends(trials, "adv_acc", "adversarial accuracy", -1)
+    inp = batch_trends(trials, "input_lambda_max", "input-Hessian lambda_max", +1)
+    parts = [combine([t.outcome for t in adv]), combine([t.outcome for t in inp])]
+    if NOT_SUPPORTED in parts:
+        verdict = NOT_SUPPORTED
+    elif all(p == SUPPORTED for p in parts):
+        verdict = SUPPORTED
+    else:
+        verdict = NOT_ENOUGH
+    evidence = (
+        *(t.describe() for t in adv),
+        *(t.describe() for t in inp),
+        f"adversarial accuracy part: {parts[0]}; input-Hessian part: {parts[1]}",
+    )
+    return Finding(2, CLAIMS[2], verdict, evidence, _trend_stats(adv + inp))
+
+
+def finding_robust_flatter(trials: pd.DataFrame) -> Finding:
+    """Finding 3: each robust setting's lambda_max is below plain training's per batch size."""
+    ok = trials[~trials["diverged"].astype(bool) & np.isfinite(trials["lambda_max"].astype(float))]
+    labels = robust_order(list(ok["robust"]))
+    if "none" not in labels or len(labels) < 2:
+        return Finding(
+            3,
+            CLAIMS[3],
+            NOT_ENOUGH,
+            (
+                "needs plain training (robust none) and at least one robust setting, each with "
+                "a finite lambda_max",
+            ),
+        )
+    plain = ok[ok["robust"] == "none"]
+    evidence, outcomes, table = [], [], {}
+    for robust in labels[1:]:
+        other = ok[ok["robust"] == robust]
+        for batch in [b for b in other["batch_size"].unique() if b in set(plain["batch_size"])]:
+            r = other.loc[other["batch_size"] == batch, "lambda_max"].to_numpy(float)
+            p = plain.loc[plain["batch_size"] == batch, "lambda_max"].to_numpy(float)
+            diff = r.mean() - p.mean()
+            if r.max() < p.min():
+                outcome = "flatter"
+            elif diff >= 0:
+                outcome = "contradicts"
+            else:
+                outcome = "inconclusive (seed ranges overlap)"
+            outcomes.append(outcome)
+            table[f"{robust} | {batch}"] = {"diff": diff, "ratio": r.mean() / p.mean()}
+            evidence.append(
+                f"batch {batch}: {robust} lambda_max {r.mean():.4g} vs plain {p.mean():.4g} "
+                f"(difference {diff:+.4g}, ratio {r.mean() / p.mean():.3g}; "
+                f"{len(r)} vs {len(p)} seed(s)) -> {outcome}"
+            )
+    flatter = outcomes.count("flatter")
+    if not outcomes:
+        verdict = NOT_ENOUGH
+        evidence.append("no batch size was trained both plainly and robustly")
+    elif "contradicts" in outcomes:
+        verdict = NOT_SUPPORTED
+    elif flatter == len(outcomes) and flatter >= 2:
+        verdict = SUPPORTED
+    else:
+        verdict = NOT_ENOUGH
+    if outcomes:
+        evidence.append(
+            f"flatter at {flatter} of {len(outcomes)} (robust setting, batch size) pairs"
+        )
+    return Finding(3, CLAIMS[3], verdict, tuple(evidence), table)
+
+
+def finding_saddle_free(trials: pd.DataFrame) -> Finding:
+    """Finding 4: few samples with a clearly negative input-Hessian eigenvalue, none large."""
+    have = trials[trials["input_samples"] > 0]
+    have = have[np.isfinite(have["neg_fraction"].astype(float))]
+    n = int(have["input_samples"].sum())
+    if n < MIN_INPUT_SAMPLES:
+        return Finding(
+            4,
+            CLAIMS[4],
+            NOT_ENOUGH,
+            (
+                f"{n} input-Hessian sample(s) logged (spectrum/input_hessian.parquet with "
+                f"input_hessian/neg_fraction); needs {MIN_INPUT_SAMPLES}",
+            ),
+        )
+    weights = have["input_samples"].to_numpy(float)
+    neg = float(np.average(have["neg_fraction"].to_numpy(float), weights=weights))
+    ratios = have["min_eig_ratio"].to_numpy(float)
+    worst = float(np.nanmin(ratios)) if np.isfinite(ratios).any() else math.nan
+    worst_row = have.iloc[int(np.nanargmin(ratios))] if np.isfinite(ratios).any() else None
+    evidence = [
+        f"{n} test samples over {len(have)} trial(s): {neg:.2%} have a clearly negative "
+        "smallest input-Hessian eigenvalue (input_hessian/neg_fraction, weighted by samples)",
+    ]
+    if worst_row is not None:
+        evidence.append(
+            f"most negative eigenvalue relative to the largest: {worst:.3g} "
+            f"(bs={worst_row['batch_size']} {worst_row['robust']} seed={worst_row['seed']})"
+        )
+    ok_ratio = math.isnan(worst) or worst >= -MAX_NEG_RATIO
+    verdict = SUPPORTED if neg <= MAX_NEG_FRACTION and ok_ratio else NOT_SUPPORTED
+    stats_ = {"samples": n, "neg_fraction": neg, "min_eig_ratio": worst}
+    return Finding(4, CLAIMS[4], verdict, tuple(evidence), stats_)
+
+
+def all_findings(trials: pd.DataFrame) -> list[Finding]:
+    """The four findings for one sweep's per-trial table (``table.trial_frame``)."""
+    return [
+        finding_batch_sharpness(trials),
+        finding_batch_robustness(trials),
+        finding_robust_flatter(trials),
+        finding_saddle_free(trials),
+    ]

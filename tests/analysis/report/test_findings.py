@@ -1,0 +1,169 @@
+"""Findings on synthetic per-trial tables: monotone, anti-monotone, noisy, one batch size."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.report import NOT_ENOUGH, NOT_SUPPORTED, SUPPORTED, all_findings
+from analysis.report.findings import (
+    finding_batch_robustness,
+    finding_batch_sharpness,
+    finding_robust_flatter,
+    finding_saddle_free,
+    one_sided_spearman,
+)
+
+BATCHES = ["16", "64", "256", "full"]
+POSITION = {"16": 16.0, "64": 64.0, "256": 256.0, "full": 1437.0}
+
+
+def table(
+    lam, adv=None, inp=None, robust=("none",), seeds=(0,), batches=BATCHES, neg=0.0, ratio=-1e-9
+):
+    """Trials with lambda_max = lam(robust index, batch index, seed), etc."""
+    rows = []
+    for r_i, robust_label in enumerate(robust):
+        for b_i, batch in enumerate(batches):
+            for seed in seeds:
+                rows.append(
+                    {
+                        "robust": robust_label,
+                        "batch_size": batch,
+                        "batch_value": POSITION[batch],
+                        "seed": seed,
+                        "epochs": 10.0,
+                        "diverged": False,
+                        "lambda_max": lam(r_i, b_i, seed),
+                        "adv_acc": adv(r_i, b_i, seed) if adv else math.nan,
+                        "input_lambda_max": inp(r_i, b_i, seed) if inp else math.nan,
+                        "test_acc": 0.9,
+                        "trace": math.nan,
+                        "neg_fraction": neg,
+                        "min_eig_ratio": ratio,
+                        "input_samples": 50,
+                        "run_id": f"r{r_i}{b_i}{seed}",
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_monotone_sweep_supports_every_finding():
+    trials = table(
+        lam=lambda r, b, s: (1 + b) * (1 if r == 0 else 0.5),
+        adv=lambda r, b, s: 0.9 - 0.1 * b,
+        inp=lambda r, b, s: 1 + b,
+        robust=("none", "fgsm-0.1"),
+    )
+    findings = all_findings(trials)
+    assert [f.verdict for f in findings] == [SUPPORTED] * 4
+    f1 = findings[0]
+    assert f1.statistics["lambda_max | none"]["rho"] == pytest.approx(1.0)
+    assert f1.statistics["lambda_max | none"]["p_value"] == pytest.approx(1 / 24)
+    assert any("rho(batch size, lambda_max) = +1.00" in e for e in f1.evidence)
+
+
+def test_anti_monotone_sweep_is_not_supported():
+    trials = table(
+        lam=lambda r, b, s: (10 - b) * (1 if r == 0 else 2),
+        adv=lambda r, b, s: 0.5 + 0.1 * b,
+        inp=lambda r, b, s: 10 - b,
+        robust=("none", "fgsm-0.1"),
+        neg=0.3,
+        ratio=-0.2,
+    )
+    findings = all_findings(trials)
+    assert [f.verdict for f in findings] == [NOT_SUPPORTED] * 4
+    assert findings[0].statistics["lambda_max | none"]["rho"] == pytest.approx(-1.0)
+    assert "contradicts" in findings[2].evidence[0]
+
+
+def test_noisy_sweep_without_trend_is_not_supported():
+    gen = np.random.default_rng(0)
+    noise = {(b, s): float(gen.normal()) for b in range(4) for s in range(5)}
+    trials = table(lam=lambda r, b, s: 5 + noise[(b, s)], seeds=range(5))
+    f1 = finding_batch_sharpness(trials)
+    rho = f1.statistics["lambda_max | none"]["rho"]
+    assert abs(rho) < 0.5
+    assert f1.verdict == NOT_SUPPORTED
+
+
+def test_weak_monotone_evidence_is_not_enough_data():
+    # four points with one swap: right direction, rho 0.8, but p = 4/24 > 0.05
+    values = [1.0, 2.0, 4.0, 3.0]
+    trials = table(lam=lambda r, b, s: values[b])
+    f1 = finding_batch_sharpness(trials)
+    assert f1.statistics["lambda_max | none"]["rho"] == pytest.approx(0.8)
+    assert f1.statistics["lambda_max | none"]["p_value"] == pytest.approx(4 / 24)
+    assert f1.verdict == NOT_ENOUGH
+
+
+def test_single_batch_size_is_not_enough_data():
+    trials = table(
+        lam=lambda r, b, s: 10.0 - 5 * r + s,
+        adv=lambda r, b, s: 0.5,
+        inp=lambda r, b, s: 1.0,
+        robust=("none", "fgsm-0.1"),
+        seeds=(0, 1, 2),
+        batches=["64"],
+    )
+    f1, f2, f3, _ = all_findings(trials)
+    assert f1.verdict == NOT_ENOUGH and f2.verdict == NOT_ENOUGH
+    assert "1 batch size(s)" in f1.evidence[0]
+    # one shared batch size cannot show "at every batch size", even with separated seeds
+    assert f3.verdict == NOT_ENOUGH
+    assert "flatter at 1 of 1" in f3.evidence[-1]
+
+
+def test_robust_flatter_needs_separated_seeds_and_two_batch_sizes():
+    separated = table(lam=lambda r, b, s: 10 - 5 * r + 0.1 * s, robust=("none", "pgd-0.1"))
+    assert finding_robust_flatter(separated).verdict == SUPPORTED
+    overlapping = table(
+        lam=lambda r, b, s: 10 - 0.5 * r + 2 * s, robust=("none", "pgd-0.1"), seeds=(0, 1)
+    )
+    f3 = finding_robust_flatter(overlapping)
+    assert f3.verdict == NOT_ENOUGH
+    assert "overlap" in f3.evidence[0]
+    one_batch = table(lam=lambda r, b, s: 10 - 5 * r, robust=("none", "pgd-0.1"), batches=["64"])
+    assert finding_robust_flatter(one_batch).verdict == NOT_ENOUGH
+    plain_only = table(lam=lambda r, b, s: 1.0)
+    assert finding_robust_flatter(plain_only).verdict == NOT_ENOUGH
+
+
+def test_robustness_finding_needs_both_parts():
+    only_adv = table(lam=lambda r, b, s: 1.0, adv=lambda r, b, s: 0.9 - 0.1 * b)
+    f2 = finding_batch_robustness(only_adv)
+    assert f2.verdict == NOT_ENOUGH
+    assert "input-Hessian part: Not enough data" in f2.evidence[-1]
+
+
+def test_saddle_free_needs_samples_and_a_small_negative_fraction():
+    few = table(lam=lambda r, b, s: 1.0, batches=["16"]).assign(input_samples=5)
+    assert finding_saddle_free(few).verdict == NOT_ENOUGH
+    clean = table(lam=lambda r, b, s: 1.0)
+    f4 = finding_saddle_free(clean)
+    assert f4.verdict == SUPPORTED
+    assert f4.statistics["samples"] == 200 and f4.statistics["neg_fraction"] == 0.0
+    deep_negative = table(lam=lambda r, b, s: 1.0, ratio=-0.05)
+    assert finding_saddle_free(deep_negative).verdict == NOT_SUPPORTED
+
+
+def test_diverged_trials_do_not_count():
+    trials = table(lam=lambda r, b, s: [1.0, 2.0, 3.0, 0.1][b])
+    trials.loc[trials["batch_size"] == "full", "diverged"] = True
+    f1 = finding_batch_sharpness(trials)
+    assert f1.statistics["lambda_max | none"]["n"] == 3
+    assert f1.statistics["lambda_max | none"]["rho"] == pytest.approx(1.0)
+
+
+def test_p_value_is_exact_and_one_sided():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    rho, p = one_sided_spearman(x, x, +1)
+    assert rho == pytest.approx(1.0) and p == pytest.approx(1 / 120)
+    rho, p = one_sided_spearman(x, x, -1)
+    assert p == pytest.approx(1.0)
+    rho, p = one_sided_spearman(x, np.ones(5), +1)
+    assert math.isnan(rho) and math.isnan(p)
