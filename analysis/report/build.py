@@ -141,17 +141,23 @@ def build_report(
     out_dir: Path | None = None,
     log_to_mlflow: bool = True,
     progress: Callable[[str], Any] = print,
+    landscape: bool = True,
 ) -> ReportResult:
     """The paper's report for the newest sweep of ``experiment_name`` (or ``parent_run_id``).
 
     Writes ``report.md``, ``report.html`` (self-contained) and ``figures/*.png`` into
     ``out_dir`` (default ``runs/reports/<experiment>``; an existing ``report.md`` there,
     the orchestrator's table-only version, is replaced by this superset) and, with
-    ``log_to_mlflow``, logs them on the parent run under ``report/``. Raises ``ReportError``
-    when there is no such experiment or sweep, or nothing finished to report on.
+    ``log_to_mlflow``, logs them on the parent run under ``report/``. ``landscape=False``
+    skips the one part that loads checkpoints and solves Hessians (slow for big models on
+    a CPU). Raises ``ReportError`` when there is no such experiment or sweep, or nothing
+    finished to report on.
     """
     sweep = collect_sweep(tracking_uri, experiment_name, parent_run_id, progress)
-    landscapes: LandscapeSet = report_landscapes(sweep, progress)
+    if landscape:
+        landscapes = report_landscapes(sweep, progress)
+    else:
+        landscapes = LandscapeSet((), ("not computed (landscape=False)",), None, math.nan)
     trials = trial_frame(sweep, landscapes.n_train)
     table = summary(trials)
     findings = all_findings(trials)

@@ -48,6 +48,7 @@ class Trial:
     metrics: dict[str, float]
     epochs: int
     diverged: bool
+    target_loss: float | None
     checkpoint: str | None
     spectra: dict[str, pd.DataFrame] = field(default_factory=dict)
     curvature: pd.DataFrame | None = None
@@ -177,6 +178,16 @@ def _epochs(client: MlflowClient, run: Run) -> int:
     return max((m.step for m in history), default=0)
 
 
+def _optional_float(text: str | None) -> float | None:
+    """A param that may be unset ('null' or 'None') as a float or None."""
+    if text is None or text in ("null", "None", ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def read_trial(client: MlflowClient, run: Run) -> Trial:
     """One trial run as a ``Trial`` (downloads its spectrum artifacts)."""
     params, tags = run.data.params, run.data.tags
@@ -190,6 +201,7 @@ def read_trial(client: MlflowClient, run: Run) -> Trial:
         metrics=dict(run.data.metrics),
         epochs=_epochs(client, run),
         diverged=tags.get(DIVERGED) == "true",
+        target_loss=_optional_float(params.get("target_train_loss")),
         checkpoint=checkpoint or None,
         spectra=download_spectra(client, run.info.run_id),
         curvature=curvature_history(client, run),

@@ -24,6 +24,7 @@ from analysis.report.table import robust_order
 DPI = 120
 ROBUST_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 LAMBDA = "λmax"
+HOLLOW = "Hollow markers: a seed of that cell did not reach target_train_loss."
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,15 @@ def _errorbars(ax, table: pd.DataFrame, col: str, style: str = "o-", label_suffi
             capsize=3,
             label=f"{robust}{label_suffix}",
         )
+        missed = cell[cell["missed_target"] > 0]
+        ax.plot(
+            missed["batch_value"],
+            missed[f"{col}_mean"],
+            style[0],
+            mfc="white",
+            mec=colors[robust],
+            zorder=3,
+        )
 
 
 def lambda_vs_batch(data: ReportData, path: Path) -> FigureFile | str:
@@ -125,7 +135,7 @@ def lambda_vs_batch(data: ReportData, path: Path) -> FigureFile | str:
         path,
         "Top Hessian eigenvalue vs batch size",
         f"{LAMBDA} of the exact full-training-set weight Hessian (Lanczos); error bars: "
-        "std over seeds.",
+        f"std over seeds. {HOLLOW}",
     )
 
 
@@ -147,7 +157,7 @@ def accuracy_vs_batch(data: ReportData, path: Path) -> FigureFile | str:
         path,
         "Clean and adversarial accuracy vs batch size",
         "Solid: clean test accuracy; dashed: accuracy under the sweep's eval_attack. "
-        "Error bars: std over seeds.",
+        f"Error bars: std over seeds. {HOLLOW}",
     )
 
 
@@ -169,7 +179,7 @@ def input_lambda_vs_batch(data: ReportData, path: Path) -> FigureFile | str:
         path,
         "Input-Hessian top eigenvalue vs batch size",
         f"Mean over test samples of the {LAMBDA} of the Hessian of each sample's loss w.r.t. "
-        "its input; error bars: std over seeds.",
+        f"its input; error bars: std over seeds. {HOLLOW}",
     )
 
 
@@ -183,9 +193,7 @@ def landscape_figure(data: ReportData, path: Path) -> FigureFile | str:
     """The paper's parametric plot: loss along the top eigenvector, a curve per batch size."""
     cells = data.landscapes.cells
     if not cells:
-        return "no checkpoint could be read here: " + (
-            "; ".join(data.landscapes.notes) or "no trials"
-        )
+        return "no landscape computed: " + ("; ".join(data.landscapes.notes) or "no trials")
     positions = dict(zip(data.trials["batch_size"], data.trials["batch_value"], strict=False))
     colors = batch_colors([(c.batch_size, positions.get(c.batch_size, 0.0)) for c in cells])
     fig, axes = _panels([c.robust for c in cells])

@@ -9,6 +9,7 @@ direction the paper claims (exact for small sweeps; the asymptotic p-value of
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,11 +127,33 @@ def one_sided_spearman(
     return rho, float(res.pvalue)
 
 
-def batch_trends(trials: pd.DataFrame, column: str, quantity: str, sign: int) -> list[Trend]:
-    """The trend of ``column`` in batch size for each robust setting (non-diverged trials)."""
+def comparable(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials whose minima can be compared: not diverged, and at the sweep's target training
+    loss when it set one (the paper compares batch sizes at equal training loss)."""
+    missed = trials["reached_target"].astype(float) == 0.0
+    return trials[~trials["diverged"].astype(bool) & ~missed]
+
+
+def excluded(trials: pd.DataFrame) -> list[str]:
+    """Evidence lines naming the trials ``comparable`` leaves out, and why."""
     out = []
+    diverged = trials[trials["diverged"].astype(bool)]
+    missed = trials[~trials["diverged"].astype(bool) & (trials["reached_target"] == 0.0)]
+    for label, rows in (("diverged", diverged), ("did not reach target_train_loss", missed)):
+        if len(rows):
+            names = ", ".join(
+                f"bs={r.batch_size} {r.robust} seed={r.seed}" for r in rows.itertuples()
+            )
+            out.append(f"left out, {label}: {names}")
+    return out
+
+
+def batch_trends(trials: pd.DataFrame, column: str, quantity: str, sign: int) -> list[Trend]:
+    """The trend of ``column`` in batch size for each robust setting (comparable trials)."""
+    out = []
+    usable = comparable(trials)
     for robust in robust_order(list(trials["robust"])):
-        cell = trials[(trials["robust"] == robust) & ~trials["diverged"].astype(bool)]
+        cell = usable[usable["robust"] == robust]
         cell = cell[np.isfinite(cell[column].astype(float))]
         n_batches = cell["batch_size"].nunique()
         if n_batches < MIN_BATCH_SIZES:
@@ -194,7 +217,8 @@ def finding_batch_robustness(trials: pd.DataFrame) -> Finding:
 
 def finding_robust_flatter(trials: pd.DataFrame) -> Finding:
     """Finding 3: each robust setting's lambda_max is below plain training's per batch size."""
-    ok = trials[~trials["diverged"].astype(bool) & np.isfinite(trials["lambda_max"].astype(float))]
+    usable = comparable(trials)
+    ok = usable[np.isfinite(usable["lambda_max"].astype(float))]
     labels = robust_order(list(ok["robust"]))
     if "none" not in labels or len(labels) < 2:
         return Finding(
@@ -281,9 +305,11 @@ def finding_saddle_free(trials: pd.DataFrame) -> Finding:
 
 def all_findings(trials: pd.DataFrame) -> list[Finding]:
     """The four findings for one sweep's per-trial table (``table.trial_frame``)."""
-    return [
+    notes = tuple(excluded(trials))
+    compared = [
         finding_batch_sharpness(trials),
         finding_batch_robustness(trials),
         finding_robust_flatter(trials),
-        finding_saddle_free(trials),
     ]
+    compared = [dataclasses.replace(f, evidence=f.evidence + notes) for f in compared]
+    return [*compared, finding_saddle_free(trials)]

@@ -65,9 +65,13 @@ def shared_radius(eigenvalues: list[float], rise: float = RISE) -> float:
 
 
 def _load(trial: Trial) -> Any:
+    """The trial's trained model and data, on the GPU when this machine has one."""
+    import torch
+
     from trainables.train import load_trained
 
-    return load_trained(local_checkpoint(trial))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_trained(local_checkpoint(trial), device=device)
 
 
 def report_landscapes(

@@ -55,6 +55,14 @@ def _min_eig_ratio(trial: Trial) -> float:
     return float(np.min(frame["eig_min"])) / top if top > 0 else float("nan")
 
 
+def _reached(trial: Trial) -> float:
+    """1.0 / 0.0: the final training loss is below ``target_train_loss``; NaN: no target."""
+    loss = trial.metrics.get("train/loss", math.nan)
+    if trial.target_loss is None:
+        return math.nan
+    return float(loss < trial.target_loss)
+
+
 def trial_frame(sweep: Sweep, n_train: int | None = None) -> pd.DataFrame:
     """One row per kept trial with the numbers the report uses (NaN where not logged)."""
     numeric = [float(t.batch_size) for t in sweep.trials if t.batch_size != "full"]
@@ -68,6 +76,8 @@ def trial_frame(sweep: Sweep, n_train: int | None = None) -> pd.DataFrame:
             "seed": t.seed,
             "epochs": float(t.epochs),
             "diverged": t.diverged,
+            "train_loss": t.metrics.get("train/loss", math.nan),
+            "reached_target": _reached(t),
             "min_eig_ratio": _min_eig_ratio(t),
             "input_samples": 0 if inputs is None else len(inputs),
             "run_id": t.run_id,
@@ -93,7 +103,13 @@ def summary(trials: pd.DataFrame) -> pd.DataFrame:
     groups = trials.groupby(["robust", "batch_size", "batch_value"], sort=False)
     rows = []
     for (robust, batch, position), cell in groups:
-        row = {"robust": robust, "batch_size": batch, "batch_value": position, "seeds": len(cell)}
+        row = {
+            "robust": robust,
+            "batch_size": batch,
+            "batch_value": position,
+            "seeds": len(cell),
+            "missed_target": int((cell["reached_target"].astype(float) == 0.0).sum()),
+        }
         for col in QUANTITIES:
             values = cell[col].astype(float).dropna()
             row[f"{col}_mean"] = values.mean() if len(values) else math.nan
@@ -138,6 +154,8 @@ def trial_rows(trials: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         "batch_size",
         "seed",
         "epochs",
+        "train_loss",
+        "reached_target",
         "test_acc",
         "adv_acc",
         "lambda_max",
@@ -146,8 +164,11 @@ def trial_rows(trials: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         "neg_fraction",
         "run_id",
     ]
-    rows = [
-        [fmt(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols]
-        for _, r in trials.iterrows()
-    ]
-    return cols, rows
+
+    def cell(row: pd.Series, col: str) -> str:
+        value = row[col]
+        if col == "reached_target":
+            return "-" if math.isnan(value) else ("yes" if value else "no")
+        return fmt(value) if isinstance(value, float) else str(value)
+
+    return cols, [[cell(r, c) for c in cols] for _, r in trials.iterrows()]

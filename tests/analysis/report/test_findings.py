@@ -37,6 +37,7 @@ def table(
                         "seed": seed,
                         "epochs": 10.0,
                         "diverged": False,
+                        "reached_target": math.nan,
                         "lambda_max": lam(r_i, b_i, seed),
                         "adv_acc": adv(r_i, b_i, seed) if adv else math.nan,
                         "input_lambda_max": inp(r_i, b_i, seed) if inp else math.nan,
@@ -157,6 +158,16 @@ def test_diverged_trials_do_not_count():
     f1 = finding_batch_sharpness(trials)
     assert f1.statistics["lambda_max | none"]["n"] == 3
     assert f1.statistics["lambda_max | none"]["rho"] == pytest.approx(1.0)
+
+
+def test_trials_short_of_the_target_loss_are_left_out_and_named():
+    trials = table(lam=lambda r, b, s: [1.0, 2.0, 3.0, 4.0][b]).assign(reached_target=1.0)
+    assert all_findings(trials)[0].verdict == SUPPORTED
+    trials.loc[trials["batch_size"] == "full", "reached_target"] = 0.0
+    f1 = all_findings(trials)[0]
+    assert f1.verdict == NOT_ENOUGH  # three points left: p >= 1/6
+    assert f1.statistics["lambda_max | none"]["n"] == 3
+    assert f1.evidence[-1] == "left out, did not reach target_train_loss: bs=full none seed=0"
 
 
 def test_p_value_is_exact_and_one_sided():

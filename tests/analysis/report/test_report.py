@@ -217,6 +217,22 @@ def test_unreachable_checkpoints_skip_the_landscape_with_a_note(sweep, tmp_path)
     assert not (tmp_path / "landscape_1d.png").exists()
 
 
+def test_report_without_landscapes_needs_no_checkpoint(sweep, tmp_path):
+    _, uri, _ = sweep
+    out = build_report(
+        "paper",
+        tracking_uri=uri,
+        out_dir=tmp_path,
+        log_to_mlflow=False,
+        progress=lambda _: None,
+        landscape=False,
+    )
+    assert len(out.figures) == len(FIGURES) - 1
+    assert not (tmp_path / "figures" / "landscape_1d.png").exists()
+    assert any("landscape_1d.png skipped" in n for n in out.notes)
+    assert "landscape_1d.png skipped" in out.markdown.read_text()
+
+
 def test_unknown_experiment_or_run_is_a_clear_error(sweep):
     _, uri, _ = sweep
     with pytest.raises(ReportError, match=r"no MLflow experiment called 'nope'; known: .*paper"):

@@ -36,6 +36,7 @@ def _trials() -> pd.DataFrame:
                         "trace": 5.0,
                         "input_lambda_max": 0.1,
                         "epochs": 10.0 + seed,
+                        "reached_target": 0.0 if (batch, seed) == ("full", 1) else 1.0,
                     }
                 )
     return pd.DataFrame(rows)
@@ -50,6 +51,7 @@ def test_summary_is_mean_and_std_over_seeds_plain_first_full_last():
         ("pgd-0.1", "full"),
     ]
     assert list(table["seeds"]) == [2, 2, 2, 2]
+    assert list(table["missed_target"]) == [0, 1, 0, 1]
     assert table["lambda_max_mean"].tolist() == [2.0, 4.0, 2.0, 4.0]
     assert table["lambda_max_std"].iloc[0] == pytest.approx(math.sqrt(2))
     assert table["adv_acc_mean"].isna().all()
