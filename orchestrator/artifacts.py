@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+_PYPLOT = threading.Lock()
+
 
 def write_spectrum_files(report: Any, folder: Path, title: str) -> list[Path]:
-    """Write spectrum/*.parquet and plots/*.png for one trial's SpectrumReport."""
+    """Write spectrum/*.parquet and plots/*.png for one trial's SpectrumReport.
+
+    Serialised: trials are analysed in driver threads and pyplot is not thread-safe.
+    """
+    with _PYPLOT:
+        return _write(report, folder, title)
+
+
+def _write(report: Any, folder: Path, title: str) -> list[Path]:
     spectrum, plots = folder / "spectrum", folder / "plots"
     spectrum.mkdir(parents=True, exist_ok=True)
     plots.mkdir(parents=True, exist_ok=True)

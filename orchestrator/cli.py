@@ -98,7 +98,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     connect(uri)
     try:
-        result = build_report(None if args.run_id else args.name, args.run_id, tracking_uri=uri)
+        result = build_report(
+            None if args.run_id else args.name,
+            args.run_id,
+            tracking_uri=uri,
+            landscape=not args.no_landscape,
+        )
     except ReportError as err:
         raise UserInputError(str(err)) from None
     print("\nFindings (Yao et al. 2018):")
@@ -185,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="the paper's tables, figures and findings from MLflow")
     p.add_argument("name", nargs="?", help="experiment name (its newest sweep)")
     p.add_argument("--run-id", help="a sweep's parent run id instead of the newest sweep")
+    p.add_argument(
+        "--no-landscape",
+        action="store_true",
+        help="skip the loss-landscape figure (it reloads every checkpoint)",
+    )
     common(p, address=False)
     p.set_defaults(func=cmd_report)
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from orchestrator.sweep import cell_key
+
+TOP_K = re.compile(r"hessian/eig_\d+")
 
 COLUMNS = (
     "batch_size",
@@ -39,7 +42,7 @@ def trial_row(
     eig = [
         metrics[k]
         for k in sorted(
-            (k for k in metrics if k.startswith("hessian/eig_")),
+            (k for k in metrics if TOP_K.fullmatch(k)),
             key=lambda k: int(k.split("_")[-1]),
         )
     ]

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import re
 import struct
-import threading
 from pathlib import Path
 
 import pytest
@@ -44,28 +43,6 @@ SPEC = {
 }
 
 
-def _orchestrator_workarounds(mp: pytest.MonkeyPatch) -> None:
-    """Two orchestrator bugs this sweep hits, patched here until fixed there:
-    results.trial_row reads every ``hessian/eig_*`` metric as a top-k eigenvalue (so
-    ``hessian/eig_1_epoch`` from hessian_every breaks it), and HessianPhase draws its
-    per-trial plots with pyplot from two threads at once (mathtext is not thread-safe)."""
-    import orchestrator.api as api
-    import orchestrator.phase as phase
-
-    row, write, lock = api.trial_row, phase.write_spectrum_files, threading.Lock()
-
-    def trial_row(tid, run_id, config, last, metrics):
-        kept = {k: v for k, v in metrics.items() if not k.endswith("_epoch")}
-        return row(tid, run_id, config, last, kept)
-
-    def write_spectrum_files(*args, **kwargs):
-        with lock:
-            return write(*args, **kwargs)
-
-    mp.setattr(api, "trial_row", trial_row)
-    mp.setattr(phase, "write_spectrum_files", write_spectrum_files)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def single_torch_thread():
     """The report's small Hessian solves run faster on one thread on shared CPUs."""
@@ -87,7 +64,6 @@ def sweep(ray_session, tmp_path_factory):
     exp = Experiment.from_dict({**SPEC, "storage": str(root / "ray"), "tracking_uri": uri})
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        _orchestrator_workarounds(mp)
         result = run_experiment(exp, progress=lambda _: None)
     return result, uri, root
 
