@@ -22,6 +22,7 @@ from analysis.hessian.protocol import (
 from analysis.hessian.results import EigenResult
 
 WHICH = ("largest", "smallest", "both")
+DGKS_ETA = 0.5**0.5
 
 
 class ConvergenceWarning(UserWarning):
@@ -64,11 +65,27 @@ def _wanted_columns(m: int, k: int, which: str) -> torch.Tensor:
     return torch.tensor(cols, dtype=torch.long)
 
 
+def _project_out(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    coeffs = torch.einsum("bmd,bd->bm", basis, w)
+    return w - torch.einsum("bm,bmd->bd", coeffs, basis)
+
+
 def _orthogonalise(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Remove from each row of ``w`` its components along that row's basis (twice is enough)."""
-    for _ in range(2):
-        coeffs = torch.einsum("bmd,bd->bm", basis, w)
-        w = w - torch.einsum("bm,bmd->bd", coeffs, basis)
+    """Remove from each row of ``w`` its components along that row's basis.
+
+    Classical Gram-Schmidt with the DGKS test: a row is projected a second time only when
+    the first pass shrank it below 1/sqrt(2) of its norm (where cancellation can leave
+    round-off along the basis); "twice is enough" for those, once for the rest.
+    """
+    before = w.norm(dim=1)
+    w = _project_out(w, basis)
+    again = w.norm(dim=1) < DGKS_ETA * before
+    if bool(again.all()):
+        return _project_out(w, basis)
+    if bool(again.any()):
+        r = again.nonzero()[:, 0]
+        w = w.clone()
+        w[r] = _project_out(w[r], basis[r])
     return w
 
 
@@ -160,8 +177,9 @@ def batched_lanczos(
     kk = len(_wanted_columns(d, k, which))
 
     rows = torch.arange(b)
-    capacity = min(m_max, 64)
-    basis = torch.zeros(b, capacity, d, dtype=dtype, device=device)
+    # The basis grows geometrically and is never zero-filled: only its first m columns are
+    # ever read. With many rows (per-sample input Hessians) it is the largest buffer.
+    basis = torch.empty(b, min(m_max, 16), d, dtype=dtype, device=device)
     basis[:, 0] = random_unit_rows(gen, b, d, dtype, device)
     alpha = torch.zeros(b, m_max, dtype=torch.float64)
     beta = torch.zeros(b, m_max, dtype=torch.float64)
@@ -209,12 +227,11 @@ def batched_lanczos(
 
         keep = (~finish).nonzero()[:, 0]
         if len(keep) < len(rows):
-            rows, basis, alpha, beta = rows[keep], basis[keep], alpha[keep], beta[keep]
+            rows, alpha, beta = rows[keep], alpha[keep], beta[keep]
             block_start, w, bn, breakdown = block_start[keep], w[keep], bn[keep], breakdown[keep]
+            basis = _resized(basis, m, basis.shape[1], keep)
         if m >= basis.shape[1]:
-            grown = torch.zeros(len(rows), min(m_max, 2 * m), d, dtype=dtype, device=device)
-            grown[:, :m] = basis
-            basis = grown
+            basis = _resized(basis, m, min(m_max, 2 * m))
         nxt = w / bnorm_safe(w)
         if breakdown.any():
             r = breakdown.nonzero()[:, 0]
@@ -235,6 +252,16 @@ def batched_lanczos(
         n_matvecs=n_matvecs,
         n_iterations=j + 1,
     )
+
+
+def _resized(
+    basis: torch.Tensor, m: int, capacity: int, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A new basis buffer of ``capacity`` columns holding the first ``m`` (of rows ``keep``)."""
+    rows = basis.shape[0] if keep is None else len(keep)
+    out = torch.empty(rows, capacity, basis.shape[2], dtype=basis.dtype, device=basis.device)
+    out[:, :m] = basis[:, :m] if keep is None else basis[keep.to(basis.device), :m]
+    return out
 
 
 def bnorm_safe(w: torch.Tensor) -> torch.Tensor:
