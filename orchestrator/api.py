@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,15 +119,26 @@ def find_sweep_dir(name_or_dir: str, storage: str = "runs/ray") -> str:
 def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) -> ExperimentResult:
     """Fit, select, analyse, tabulate and log; the parent run's status mirrors the outcome."""
     phase = HessianPhase(exp, client, progress)
-    overlap = exp.hessian.enabled and exp.select is None and _room_for_actors(exp)
-    done: dict[str, str] = {}
-    lock = threading.Lock()
+    overlap = exp.hessian.enabled and exp.select is None
+    done: dict[str, tuple[str, str, str]] = {}
+    started: list[bool] = []
 
-    def on_complete(trial: Any, run_id: str) -> None:
-        with lock:
-            done[trial.trial_id] = run_id
-        if overlap and trial.checkpoint is not None:
-            phase.submit(trial.trial_id, trial.checkpoint.path, run_id, _label(trial.config))
+    def on_complete(trial: Any, run_id: str, trials: list) -> None:
+        """Start analysing finished trials as soon as the actors fit beside the rest."""
+        if trial.checkpoint is None:
+            return
+        done[trial.trial_id] = (trial.checkpoint.path, run_id, _label(trial.config))
+        if not overlap:
+            return
+        unfinished = sum(
+            1 for t in trials if t is not trial and t.status not in ("TERMINATED", "ERROR")
+        )
+        if not started and _room_for_actors(exp, unfinished):
+            started.append(True)
+            progress(f"hessian: analysis starts beside {unfinished} unfinished trial(s)")
+        if started:
+            for tid, (path, rid, label) in list(done.items()):
+                phase.submit(tid, path, rid, label)
 
     callback.on_complete = on_complete
     timings: dict[str, float] = {}
@@ -196,16 +206,14 @@ def _label(config: dict[str, Any]) -> str:
     return run_label(config)
 
 
-def _room_for_actors(exp: Experiment) -> bool:
-    """Whether the cluster can hold the Hessian actors beside the running trials."""
+def _room_for_actors(exp: Experiment, unfinished_trials: int) -> bool:
+    """Whether the Hessian actors fit beside the trials that still need resources."""
     total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
-    trials = exp.max_concurrent_trials or exp.num_cells
-    h = exp.hessian
-    need_cpu = min(trials, cpus // max(exp.resources.cpus, 1e-9)) * exp.resources.cpus
-    return cpus - need_cpu >= h.num_actors * h.cpus_per_actor and (
-        gpus - trials * exp.resources.gpus >= h.num_actors * h.gpus_per_actor
-        or h.gpus_per_actor == 0
+    h, r = exp.hessian, exp.resources
+    free_cpu = total.get("CPU", 0) - unfinished_trials * r.cpus
+    free_gpu = total.get("GPU", 0) - unfinished_trials * r.gpus
+    return free_cpu >= h.num_actors * h.cpus_per_actor and (
+        h.gpus_per_actor == 0 or free_gpu >= h.num_actors * h.gpus_per_actor
     )
 
 
@@ -224,7 +232,8 @@ def _init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # "local" starts a private instance: never attach to another process's Ray.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def _log_sweep_params(client, parent_id: str, exp: Experiment) -> None:

@@ -277,8 +277,11 @@ class Experiment(_Strict):
         space: dict[str, Any] = {"dataset": self.dataset, "model": self.model, **self.training}
         if self.data_root is not None:
             space["data_root"] = self.data_root
-        space["batch_size"] = tune.grid_search(list(self.batch_sizes))
+        # Tune varies the first grid key fastest: robust settings of one batch size start
+        # together, and the largest batches (the most epochs to a target loss) start first,
+        # so the longest trials do not run alone at the end.
         space["robust"] = tune.grid_search([r.to_train() for r in self.robust])
+        space["batch_size"] = tune.grid_search(sorted(self.batch_sizes, key=_batch_rank))
         space["seed"] = tune.grid_search(list(self.seeds))
         if self.search:
             for key, dist in self.search.space.items():
@@ -289,6 +292,11 @@ class Experiment(_Strict):
         """The spec as YAML (round-trips through ``from_yaml``); ``redacted`` masks secrets."""
         data = self.model_dump(mode="json")
         return yaml.safe_dump(redact(data) if redacted else data, sort_keys=False)
+
+
+def _batch_rank(batch: int | str) -> float:
+    """Sort key putting full batch first, then larger batches before smaller ones."""
+    return -math.inf if batch == "full" else -float(batch)
 
 
 def spec_field_message(message: str) -> str:

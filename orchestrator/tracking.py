@@ -226,12 +226,12 @@ class TrackingCallback(Callback):
         self._steps[trial.trial_id] = step
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._timed(self._finish, trial, "FINISHED")
+        self._timed(self._finish, trial, "FINISHED", trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._timed(self._finish, trial, "FAILED")
+        self._timed(self._finish, trial, "FAILED", trials)
 
-    def _finish(self, trial: Any, status: str) -> None:
+    def _finish(self, trial: Any, status: str, trials: list) -> None:
         run_id = self.child_run(trial)
         last = trial.last_result or {}
         tags = {"hessweep.status": status.lower(), "hessweep.epochs": last.get("epoch", 0)}
@@ -242,7 +242,7 @@ class TrackingCallback(Callback):
         log_batch(self.client, run_id, tags=tags)
         self.client.set_terminated(run_id, status=status)
         if self.on_complete is not None and status == "FINISHED":
-            self.on_complete(trial, run_id)
+            self.on_complete(trial, run_id, trials)
 
     def _timed(self, fn, *args) -> None:
         start = time.perf_counter()

@@ -42,7 +42,8 @@ def test_param_space_is_a_grid_plus_search_spaces():
         }
     )
     space = exp.to_param_space()
-    assert space["batch_size"] == {"grid_search": [16, 64]}
+    assert space["batch_size"] == {"grid_search": [64, 16]}  # largest first
+    assert list(space).index("robust") < list(space).index("batch_size")
     assert space["seed"] == {"grid_search": [0, 1]}
     assert [r["method"] for r in space["robust"]["grid_search"]] == ["none", "fgsm"]
     assert isinstance(space["lr"], tune.search.sample.Float)
