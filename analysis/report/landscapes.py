@@ -80,8 +80,21 @@ def report_landscapes(
     """Loss along the top eigenvector (and a random direction) for one trial per cell.
 
     Two passes: eigenvectors first (each model loaded in turn, only the vector kept), then
-    every landscape on one shared axis, so curves of different batch sizes compare.
+    every landscape on one shared axis, so curves of different batch sizes compare. Runs
+    on one torch thread: these are many small products, and on a CPU shared with other
+    work (Ray workers, a second process) more threads measured up to 12x slower.
     """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _report_landscapes(sweep, progress, points)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _report_landscapes(sweep: Sweep, progress: Callable[[str], Any], points: int) -> LandscapeSet:
     loss_fn = nn.CrossEntropyLoss()
     notes: list[str] = []
     found: list[tuple[Trial, float, bool, Any]] = []
