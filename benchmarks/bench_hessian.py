@@ -164,8 +164,10 @@ def reference_notes(info: dict[str, Any]) -> list[str]:
         notes.append(line + ".")
     notes.append(
         "- rel. error: HVP ||Hv - Hv_ref|| / ||Hv_ref||; top-k max_i |l_i - ref_i| / |ref_i| "
-        "(descending order); trace |t - ref| / |ref|; input max over samples of "
-        "|l - ref| / |ref|. HVPs: products the method made (a stopped run: before it stopped)."
+        "(descending order); trace |t - ref| / |ref|; input: max over samples of "
+        "|l - ref| / max(|ref|, 1e-3 max|ref|) (confidently classified samples have top "
+        "eigenvalues float32 cannot resolve). HVPs: products the method made (a stopped run: "
+        "until it stopped)."
     )
     return notes
 

@@ -24,11 +24,12 @@ from benchmarks.measure import hwm_supported, threads, timed
 # Per setting: repeats of the cheap products, repeats of the solver runs, and the wall
 # cap of one solver run (a run that passes it is stopped and reported as "> cap").
 PLAN = {
-    "digits": {"hvp_repeats": 7, "repeats": 3, "probes": 50, "cap_s": 120.0, "loop_cap_s": 90.0},
+    "digits": {"hvp_repeats": 7, "repeats": 3, "probes": 30, "cap_s": 120.0, "loop_cap_s": 90.0},
     "cifar": {"hvp_repeats": 3, "repeats": 1, "probes": 20, "cap_s": 150.0, "loop_cap_s": 45.0},
 }
 SLOW_RUN_S = 20.0  # after a run this slow, that method is not repeated
 N_INPUT = 1000
+INPUT_ERR_FLOOR = 1e-3
 REF_TOL = 1e-6  # on float64 Ritz residuals; eigenvalue errors are ~ residual^2 / gap
 GOAL_CAP = 6.0  # a peer run is stopped after GOAL_CAP x our time: the ratio is then a bound
 
@@ -314,86 +315,98 @@ def traces(s: Setting, libs, ref, rec: Recorder, repeats: int, probes: int, cap:
 
 
 def input_hessians(s: Setting, ref, rec: Recorder, repeats: int, loop_cap: float) -> None:
+    """Batched per-sample input Hessians against per-sample loops; batched runs are
+    interleaved with the (long, run once) loops so load from elsewhere hits both."""
     from analysis.hessian import input_hessian_eigenvalues
 
     x, y = s.x[:N_INPUT], s.y[:N_INPUT]
     model, tol = s.model, peers.OUR_TOL
     target = ref["input"]
-    floor = 1e-6 * np.abs(target).max()
+    # Confidently classified samples have tiny top eigenvalues that float32 cannot resolve
+    # (p(1-p) with p near 1); they are measured against 0.1% of the largest instead.
+    floor = INPUT_ERR_FLOOR * np.abs(target).max()
 
-    def err(vals: np.ndarray, idx: slice | None = None) -> float:
-        t = target if idx is None else target[idx]
+    def err(vals: np.ndarray, done: int) -> float:
+        t = target[:done]
         return float(np.max(np.abs(vals - t) / np.maximum(np.abs(t), floor)))
 
+    def batched_run(r: dict[str, Any]) -> None:
+        vals = rec.measure(
+            r, lambda: input_hessian_eigenvalues(model, peers.CE, x, y, k=1, tol=tol)
+        )
+        r["rel_err"] = err(vals[:, 0].numpy(), N_INPUT)
+
+    def loop(fn, r: dict[str, Any]) -> None:
+        out = []
+        deadline = time.perf_counter() + loop_cap
+
+        def run() -> None:
+            for i in range(N_INPUT):
+                if time.perf_counter() > deadline:
+                    break
+                out.append(fn(i))
+
+        rec.measure(r, run)
+        done = len(out)
+        r["samples_done"] = done
+        if done < N_INPUT:  # extrapolate the per-sample rate to all samples
+            r["times"][-1] *= N_INPUT / done
+            r["cpu"][-1] *= N_INPUT / done
+            r["extrapolated"] = True
+        r["rel_err"] = err(np.array(out), done)
+
+    def engine(i: int) -> float:
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        return float(input_hessian_eigenvalues(model, peers.CE, xi, yi, k=1, tol=tol)[0, 0])
+
+    def dense(i: int) -> float:
+        xi, yi = x[i], y[i : i + 1]
+        h = torch.autograd.functional.hessian(
+            lambda z: torch.nn.functional.cross_entropy(model(z[None]), yi), xi, vectorize=True
+        )
+        d = xi.numel()
+        return float(torch.linalg.eigvalsh(h.reshape(d, d))[-1])
+
+    batched = rec.row(
+        "input",
+        "batched",
+        "hessweep batched",
+        settings=f"input_hessian_eigenvalues(k=1, tol={tol:g}) on all {N_INPUT} samples "
+        "[default: 512 samples per lock-step batch]",
+    )
+    loops = [
+        (
+            rec.row(
+                "input",
+                "loop_engine",
+                "per-sample loop: this engine",
+                settings="for each sample: input_hessian_eigenvalues(x[i:i+1], k=1, "
+                f"tol={tol:g}) [same Lanczos, batch of one]",
+            ),
+            engine,
+        )
+    ]
+    if x[0].numel() <= 256:  # a dense d x d Hessian per sample is only sensible for small d
+        loops.append(
+            (
+                rec.row(
+                    "input",
+                    "loop_dense",
+                    "per-sample loop: dense Hessian",
+                    settings="for each sample: torch.autograd.functional.hessian("
+                    "vectorize=True) + eigvalsh",
+                ),
+                dense,
+            )
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = rec.row(
-            "input",
-            "batched",
-            "hessweep batched",
-            settings=f"input_hessian_eigenvalues(k=1, tol={tol:g}) on all {N_INPUT} "
-            "samples [512 per lock-step batch]",
-        )
-        for _ in range(repeats):
-            vals = rec.measure(
-                r, lambda: input_hessian_eigenvalues(model, peers.CE, x, y, k=1, tol=tol)
-            )
-            r["rel_err"] = err(vals[:, 0].numpy())
-
-        def loop(fn, r: dict[str, Any]) -> None:
-            out = []
-            deadline = time.perf_counter() + loop_cap
-
-            def run() -> None:
-                for i in range(N_INPUT):
-                    if time.perf_counter() > deadline:
-                        break
-                    out.append(fn(i))
-
-            rec.measure(r, run)
-            done = len(out)
-            r["samples_done"] = done
-            if done < N_INPUT:  # extrapolate the per-sample rate to all samples
-                r["times"][-1] *= N_INPUT / done
-                r["cpu"][-1] *= N_INPUT / done
-                r["extrapolated"] = True
-            r["rel_err"] = err(np.array(out), slice(0, done))
-
-        r = rec.row(
-            "input",
-            "loop_engine",
-            "per-sample loop: this engine",
-            settings="for each sample: input_hessian_spectrum(x[i:i+1], k=1, "
-            f"tol={tol:g}) [same Lanczos, batch of one]",
-        )
-        loop(
-            lambda i: float(
-                input_hessian_eigenvalues(
-                    model, peers.CE, x[i : i + 1], y[i : i + 1], k=1, tol=tol
-                )[0, 0]
-            ),
-            r,
-        )
-        if x[0].numel() <= 256:
-            r = rec.row(
-                "input",
-                "loop_dense",
-                "per-sample loop: dense Hessian",
-                settings="for each sample: torch.autograd.functional.hessian("
-                "vectorize=True) + eigvalsh",
-            )
-
-            def dense(i: int) -> float:
-                xi, yi = x[i], y[i : i + 1]
-                h = torch.autograd.functional.hessian(
-                    lambda z: torch.nn.functional.cross_entropy(model(z[None]), yi),
-                    xi,
-                    vectorize=True,
-                )
-                d = xi.numel()
-                return float(torch.linalg.eigvalsh(h.reshape(d, d))[-1])
-
-            loop(dense, r)
+        batched_run(batched)
+        for r, fn in loops:
+            loop(fn, r)
+            batched_run(batched)
+        for _ in range(repeats - 1 - len(loops)):
+            batched_run(batched)
     log(
         "input Hessians: "
         + ", ".join(
@@ -404,6 +417,9 @@ def input_hessians(s: Setting, ref, rec: Recorder, repeats: int, loop_cap: float
 
 def main(name: str, out_path: str) -> None:
     torch.set_num_threads(threads())
+    # Noise from the peers' internals (PyHessian's backward(create_graph=True), jit notes)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
     plan = PLAN[name]
     t_start = time.perf_counter()
     memory = hwm_supported()
