@@ -7,11 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.api import resume_experiment
+
+REPO = Path(__file__).resolve().parents[2]
 
 SPEC = {
     "name": "killed",
@@ -39,17 +42,19 @@ def test_driver_killed_mid_sweep_resumes_without_duplicates(ray_session, tmp_pat
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = tmp_path / "killed.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "storage": str(tmp_path / "ray"), "tracking_uri": uri}))
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", str(spec)],
-        cwd=tmp_path,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "run", str(spec)],
+            cwd=tmp_path,
+            env=env,
+            start_new_session=True,
+            stdout=out,
+            stderr=out,
+        )
     client = MlflowClient(uri)
-    deadline = time.time() + 240
+    deadline = time.time() + 420
     try:
         while time.time() < deadline:
             time.sleep(0.5)
@@ -60,7 +65,9 @@ def test_driver_killed_mid_sweep_resumes_without_duplicates(ray_session, tmp_pat
             except Exception:  # the store may not exist yet
                 continue
         else:
-            raise AssertionError("the sweep never logged 3 epochs")
+            raise AssertionError(
+                f"the sweep never logged 3 epochs; driver log:\n{log.read_text()[-3000:]}"
+            )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
