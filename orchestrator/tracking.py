@@ -20,18 +20,14 @@ from ray.tune import Callback
 
 from orchestrator.errors import UserInputError
 from orchestrator.redact import redact_text
+from trainables.train import CURVATURE_KEY, METRIC_KEYS
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_ARTIFACTS = "runs/mlartifacts"
+# The trainable's per-epoch metrics, less the bookkeeping flags (kept as tags instead).
 EPOCH_METRICS = (
-    "train/loss",
-    "train/acc",
-    "test/loss",
-    "test/acc",
-    "test/adv_acc",
-    "grad_norm",
-    "lr",
-    "hessian/eig_1_epoch",
+    *(k for k in METRIC_KEYS if k not in ("epoch", "converged", "diverged")),
+    CURVATURE_KEY,
 )
 ROLE, TRIAL_ID, SWEEP_DIR = "hessweep.role", "hessweep.trial_id", "hessweep.sweep_dir"
 PARENT = "mlflow.parentRunId"

@@ -8,12 +8,13 @@ the caller's tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from analysis.hessian.modelutil import eval_mode
 
 ATTACK_METHODS = ("fgsm", "none", "pgd")
 
@@ -23,18 +24,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def _sum_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy, so each example's input gradient ignores the batch size."""
     return F.cross_entropy(logits, y, reduction="sum")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode for the block, then restore each one's own mode."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _input_grad(
