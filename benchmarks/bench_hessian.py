@@ -261,8 +261,8 @@ def run() -> str:
         "the process (what the work costs, unaffected by other processes on the machine); "
         "wall seconds are shown too. Peak memory: the extra resident memory of one call, "
         "i.e. the RSS high-water mark (VmHWM, reset before the call through "
-        "/proc/self/clear_refs) minus the RSS before it; the worker runs with "
-        "MALLOC_MMAP_THRESHOLD_ fixed so freed memory goes back to the OS between calls.",
+        "/proc/self/clear_refs) minus the RSS before it, after malloc_trim(0) has handed "
+        "memory freed by earlier calls back to the OS.",
         "",
     ]
     for res in results.values():
