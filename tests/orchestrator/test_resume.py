@@ -53,8 +53,13 @@ def test_driver_killed_mid_sweep_resumes_without_duplicates(ray_session, tmp_pat
             stdout=out,
             stderr=out,
         )
-    client = MlflowClient(uri)
     deadline = time.time() + 420
+    # Touch the store only once the driver has created it (it writes the sweep state after
+    # creating its experiment): two processes initialising one SQLite file race.
+    while not list((tmp_path / "ray").glob("killed-*/hessweep.json")):
+        assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+    client = MlflowClient(uri)
     try:
         while time.time() < deadline:
             time.sleep(0.5)
