@@ -4,6 +4,10 @@ Each setting runs in a fresh worker process (``hessian_worker``) with the same t
 for every library; inside it the libraries alternate within every repeat, so a burst of
 load from elsewhere on the machine hits them alike. This module prints the tables and the
 issue's goals next to the measured ratios. Times are printed, never asserted.
+
+Environment: HESSWEEP_BENCH_THREADS (threads for every library, default 1),
+HESSWEEP_BENCH_SETTINGS (e.g. ``digits``; default both), HESSWEEP_BENCH_REUSE=1 (render the
+report from the raw results of the last run in runs/bench/ instead of measuring again).
 """
 
 from __future__ import annotations

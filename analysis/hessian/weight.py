@@ -156,7 +156,9 @@ class WeightHessian:
         # Reverse-over-forward: H v is the gradient of the directional derivative
         # <grad L, v>, which forward mode gives in the same pass as L. It never forms the
         # (unused) primal gradient that forward-over-reverse and double backward compute:
-        # 8 instead of 9 matrix products per hidden layer, measured 15-40% faster on CPU.
+        # 8 instead of 9 matrix products per hidden layer. On CPU (one thread) it measured
+        # 1.2x faster than forward-over-reverse and double backward on a 550k-parameter CNN;
+        # on a 14k-parameter digits CNN double backward was about 5% faster.
         total = None
         for x, y in self._batches():
 
