@@ -31,44 +31,45 @@ def _write(report: Any, folder: Path, title: str) -> list[Path]:
     spectrum.mkdir(parents=True, exist_ok=True)
     plots.mkdir(parents=True, exist_ok=True)
     eig = np.asarray(report.eigenvalues, dtype=float)
-    written = [spectrum / "eigenvalues.parquet"]
-    pq.write_table(
-        pa.table(
-            {
-                "index": np.arange(1, len(eig) + 1),
-                "eigenvalue": eig,
-                "residual": np.asarray(report.residuals, dtype=float),
-            }
-        ),
-        written[-1],
-    )
+    written = [
+        _parquet(
+            spectrum / "eigenvalues.parquet",
+            index=np.arange(1, len(eig) + 1),
+            eigenvalue=eig,
+            residual=report.residuals,
+        )
+    ]
     if report.density_grid is not None and len(report.density_grid):
-        written.append(spectrum / "density.parquet")
-        pq.write_table(
-            pa.table(
-                {
-                    "eigenvalue": np.asarray(report.density_grid, dtype=float),
-                    "density": np.asarray(report.density, dtype=float),
-                }
-            ),
-            written[-1],
+        written.append(
+            _parquet(
+                spectrum / "density.parquet",
+                eigenvalue=report.density_grid,
+                density=report.density,
+            )
         )
         written.append(plots / "density.png")
         _density_plot(report, written[-1], title)
     if report.input_eig_max is not None and len(report.input_eig_max):
-        written.append(spectrum / "input_hessian.parquet")
-        pq.write_table(
-            pa.table(
-                {
-                    "eig_max": np.asarray(report.input_eig_max, dtype=float),
-                    "eig_min": np.asarray(report.input_eig_min, dtype=float),
-                }
-            ),
-            written[-1],
+        written.append(
+            _parquet(
+                spectrum / "input_hessian.parquet",
+                eig_max=report.input_eig_max,
+                eig_min=report.input_eig_min,
+            )
         )
     written.append(plots / "eigenvalues.png")
     _eigen_plot(eig, written[-1], title)
     return written
+
+
+def _parquet(path: Path, **columns: Any) -> Path:
+    """Write float columns (an integer ``index`` stays integer) as one Parquet table."""
+    table = {
+        name: values if name == "index" else np.asarray(values, dtype=float)
+        for name, values in columns.items()
+    }
+    pq.write_table(pa.table(table), path)
+    return path
 
 
 def _eigen_plot(eig: np.ndarray, path: Path, title: str) -> None:
