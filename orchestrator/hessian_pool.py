@@ -143,12 +143,17 @@ class ShardActor:
             model = self._model(recipe.model)
             dtype = recipe.dtype or next(model.parameters()).dtype
             op = WeightHessian(
-                model, recipe.loss_fn, self._chunks(dtype), dtype=dtype, cache_data=False
+                model, recipe.loss_fn, self._chunks(dtype), dtype=dtype, chunk_size=self.chunk_size
             )
             self.operators[recipe.op_key] = (recipe.model.model_id, op)
             while len(self.operators) > CACHE_SIZE:
                 self.operators.popitem(last=False)
         self.operators.move_to_end(recipe.op_key)
+        # Only the operator in use keeps its gradient graphs: they can be far larger than
+        # the data, and switching back costs one gradient to rebuild them.
+        for key, (_, other) in self.operators.items():
+            if key != recipe.op_key and other.cached_bytes:
+                other.release()
         return self.operators[recipe.op_key][1]
 
     def prepare(self, recipe: OperatorRecipe) -> tuple[int, torch.dtype, int]:

@@ -25,7 +25,7 @@ def _quadrature(
     beta = torch.zeros(1, steps, dtype=torch.float64)
     m = steps
     for j in range(steps):
-        w, bnorm = lanczos_step(bop, rows, basis, alpha, beta, j)
+        w, bnorm, _ = lanczos_step(bop, rows, basis, alpha, beta, j)
         scale = alpha[:, : j + 1].abs().max() + beta[:, :j].abs().sum()
         if j + 1 == steps or float(bnorm[0]) <= 1e3 * torch.finfo(op.dtype).eps * float(scale):
             m = j + 1

@@ -8,6 +8,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
+from analysis.hessian.graphcache import (
+    backward_through,
+    counting_saved_bytes,
+    default_cache_bytes,
+)
 from analysis.hessian.modelutil import (
     LossFn,
     cast_batch,
@@ -33,11 +38,17 @@ class WeightHessian:
 
     ``data`` is a DataLoader or any iterable of ``(x, y)`` batches; batches of unequal size
     are weighted by ``n_batch / N``. The model runs in eval mode (its modes are restored),
-    and neither the model nor caller tensors are changed. ``matvec`` differentiates the
-    forward-mode directional derivative in reverse (``torch.func``, reverse-over-forward)
-    and falls back to double backward where a layer lacks forward-mode support. With
-    ``cache_data`` (default) the data is read once, kept on the operator's device and
-    re-chunked into ``chunk_size`` samples per pass.
+    and neither the model nor caller tensors are changed; the operator is the Hessian at
+    the weights as they were when it was built. With ``cache_data`` (default) the data is
+    read once, kept on the operator's device and re-chunked into ``chunk_size`` samples.
+
+    Products: the first ``matvec`` keeps each chunk's gradient graph (one gradient with
+    ``create_graph=True``), so every product after it is a single backward pass through
+    that graph: 1.3-2.2x cheaper than recomputing. Graphs are kept while their saved
+    tensors fit ``cache_bytes`` (default: a quarter of RAM up to 8 GiB, or 40% of free GPU
+    memory; 0 turns caching off); chunks beyond it are differentiated afresh each time, by
+    reverse-over-forward (``torch.func``) with a double-backward fallback. ``hvp="forward"``
+    never caches; ``hvp="reverse"`` uses double backward only.
     """
 
     def __init__(
@@ -52,19 +63,22 @@ class WeightHessian:
         chunk_size: int | None = None,
         cache_data: bool = True,
         hvp: str = "auto",
+        cache_bytes: int | None = None,
         check_determinism: bool = False,
     ) -> None:
         if hvp not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if cache_bytes is not None and cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0 (0 turns caching off), got {cache_bytes}")
         self.names = select_params(model, params)
         self.model = working_model(model, dtype, device)
         self.loss_fn = loss_fn
         self.data = data
         self.hvp_mode = hvp
         named = dict(self.model.named_parameters())
-        self.theta = {n: named[n].detach() for n in self.names}
+        self.theta = {n: named[n].detach().clone() for n in self.names}
         self.fixed = {n: p.detach() for n, p in named.items() if n not in self.theta}
         self.fixed.update({n: b.detach() for n, b in self.model.named_buffers()})
         self.shapes = [self.theta[n].shape for n in self.names]
@@ -77,6 +91,10 @@ class WeightHessian:
         self.num_samples = sum(int(x.shape[0]) for x, _ in self.chunks)
         if not cache_data:
             self.chunks = []
+        self.cache_bytes = default_cache_bytes(self.device) if cache_bytes is None else cache_bytes
+        self.cached_bytes = 0
+        self._graphs: list[tuple[torch.Tensor, ...]] | None = None
+        self._leaves: list[torch.Tensor] = []
         if check_determinism:
             self.check_determinism()
 
@@ -143,16 +161,67 @@ class WeightHessian:
         """Exact Hessian-vector product ``H v`` of the mean loss over all the data."""
         tangent = self.unflatten(v)
         with eval_mode(self.model):
-            if self.hvp_mode in ("auto", "forward"):
-                try:
-                    return self._hvp_forward(tangent)
-                except (RuntimeError, NotImplementedError):
-                    if self.hvp_mode == "forward":
-                        raise
-                    self.hvp_mode = "reverse"
-            return self._hvp_reverse(tangent)
+            if self._graphs is None:
+                self._graphs = self._build_graphs()
+            total = self._hvp_cached(tangent) if self._graphs else None
+            if self.cache_data and len(self._graphs) == len(self.chunks):
+                return total
+            rest = self._hvp_uncached(tangent)
+        return rest if total is None else total.add_(rest)
 
-    def _hvp_forward(self, tangent: dict[str, torch.Tensor]) -> torch.Tensor:
+    def release(self) -> None:
+        """Free the kept gradient graphs (the next product builds them again)."""
+        self._graphs, self._leaves, self.cached_bytes = None, [], 0
+
+    def _build_graphs(self) -> list[tuple[torch.Tensor, ...]]:
+        """Each chunk's gradient graph, in order, while their saved tensors fit the budget."""
+        if self.hvp_mode == "forward" or not self.cache_data or self.cache_bytes == 0:
+            return []
+        leaves = [self.theta[n].detach().requires_grad_(True) for n in self.names]
+        theta = dict(zip(self.names, leaves, strict=True))
+        graphs, used = [], 0
+        try:
+            for x, y in self.chunks:
+                with torch.enable_grad(), counting_saved_bytes() as saved:
+                    grads = torch.autograd.grad(self._loss(theta, x, y), leaves, create_graph=True)
+                if used + saved[0] > self.cache_bytes:
+                    break
+                graphs.append(grads)
+                used += saved[0]
+        except (RuntimeError, NotImplementedError):
+            if self.hvp_mode == "reverse":
+                raise
+            return []  # a layer without double backward: reverse-over-forward does it all
+        self._leaves, self.cached_bytes = leaves, used
+        return graphs
+
+    def _hvp_cached(self, tangent: dict[str, torch.Tensor]) -> torch.Tensor:
+        vectors = [tangent[n] for n in self.names]
+        total = None
+        for grads in self._graphs or []:
+            parts = backward_through(grads, self._leaves, vectors)
+            flat = torch.cat([h.reshape(-1) for h in parts])
+            total = flat if total is None else total.add_(flat)
+        return total
+
+    def _uncached_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        if self.cache_data:
+            return self.chunks[len(self._graphs or []) :]
+        return self._batches()
+
+    def _hvp_uncached(self, tangent: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.hvp_mode in ("auto", "forward"):
+            try:
+                return self._hvp_forward(tangent, self._uncached_batches())
+            except (RuntimeError, NotImplementedError):
+                if self.hvp_mode == "forward":
+                    raise
+                self.hvp_mode = "reverse"
+        return self._hvp_reverse(tangent, self._uncached_batches())
+
+    def _hvp_forward(
+        self, tangent: dict[str, torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
         # Reverse-over-forward: H v is the gradient of the directional derivative
         # <grad L, v>, which forward mode gives in the same pass as L. It never forms the
         # (unused) primal gradient that forward-over-reverse and double backward compute:
@@ -160,7 +229,7 @@ class WeightHessian:
         # 1.2x faster than forward-over-reverse and double backward on a 550k-parameter CNN;
         # on a 14k-parameter digits CNN double backward was about 5% faster.
         total = None
-        for x, y in self._batches():
+        for x, y in batches:
 
             def directional(th: dict[str, torch.Tensor], x=x, y=y) -> torch.Tensor:
                 return jvp(lambda t: self._loss(t, x, y), (th,), (tangent,))[1]
@@ -169,9 +238,11 @@ class WeightHessian:
             total = flat if total is None else total.add_(flat)
         return total
 
-    def _hvp_reverse(self, tangent: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _hvp_reverse(
+        self, tangent: dict[str, torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
         total = None
-        for x, y in self._batches():
+        for x, y in batches:
             theta = {n: t.clone().requires_grad_(True) for n, t in self.theta.items()}
             loss = self._loss(theta, x, y)
             grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)

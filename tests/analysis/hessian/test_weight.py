@@ -17,7 +17,7 @@ def _random_vectors(size: int, n: int = 3) -> torch.Tensor:
     return torch.randn(n, size, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("hvp", ["forward", "reverse"])
+@pytest.mark.parametrize("hvp", ["auto", "forward", "reverse"])
 @pytest.mark.parametrize("problem", ["mlp_problem", "cnn_problem"])
 def test_matvec_equals_dense_hessian(problem, hvp, request):
     model, x, y, dense = request.getfixturevalue(problem)
@@ -143,3 +143,53 @@ def test_clear_errors():
         op.matvec(torch.zeros(op.size + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="hvp must be one of"):
         WeightHessian(model, CE, [(x, y)], hvp="finite-difference")
+    with pytest.raises(ValueError, match="cache_bytes must be >= 0"):
+        WeightHessian(model, CE, [(x, y)], cache_bytes=-1)
+
+
+def _saved_bytes_of_one_chunk(model, x, y) -> int:
+    probe = WeightHessian(model, CE, [(x, y)])
+    probe.matvec(torch.zeros(probe.size, dtype=torch.float64))
+    return probe.cached_bytes
+
+
+def test_kept_graphs_within_the_budget_give_exact_products(cnn_problem):
+    model, x, y, dense = cnn_problem
+    per_chunk = _saved_bytes_of_one_chunk(model, x[:8], y[:8])
+    assert per_chunk > 0
+    vs = _random_vectors(dense.shape[0], 3)
+    budgets = {"all": None, "two of three": int(2.5 * per_chunk), "none": 0}
+    kept = {}
+    for label, budget in budgets.items():
+        op = WeightHessian(model, CE, [(x, y)], chunk_size=8, cache_bytes=budget)
+        for v in vs:  # the second and third products reuse the kept graphs
+            torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+        kept[label] = (len(op._graphs), op.cached_bytes)
+        assert op.cached_bytes <= (budget if budget is not None else op.cache_bytes)
+    assert kept["all"][0] == 3 and kept["two of three"][0] == 2 and kept["none"] == (0, 0)
+    op = WeightHessian(model, CE, [(x, y)], hvp="forward")
+    op.matvec(vs[0])
+    assert op._graphs == [] and op.cached_bytes == 0
+
+
+def test_the_operator_is_a_snapshot_of_the_weights(mlp_problem):
+    model, x, y, dense = mlp_problem
+    v = _random_vectors(dense.shape[0], 1)[0]
+    cached = WeightHessian(model, CE, [(x, y)])
+    fresh = WeightHessian(model, CE, [(x, y)], cache_bytes=0)
+    cached.matvec(v)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    for op in (cached, fresh):
+        torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+    cached.release()
+    torch.testing.assert_close(cached.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_a_loss_linear_in_the_weights_has_a_zero_hessian():
+    model = nn.Linear(4, 2).double()
+    x, y = make_data(10, (4,))
+    op = WeightHessian(model, lambda out, _: out.sum(), [(x, y)])
+    v = _random_vectors(op.size, 1)[0]
+    assert torch.equal(op.matvec(v), torch.zeros_like(v))
