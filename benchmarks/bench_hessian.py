@@ -127,6 +127,11 @@ def setting_table(res: dict[str, Any]) -> list[str]:
             settings = r.get("settings", "")
             if task == "hvp":
                 settings = "one product over all samples"
+                if "first_cpu_s" in r:
+                    settings += (
+                        f" (after the first, which keeps the gradient graph: "
+                        f"{r['first_cpu_s']:.3f} CPU s)"
+                    )
             if task == "grad":
                 settings = "mean loss over the same batches, eval mode"
             peak = "-" if not mem or r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"

@@ -32,6 +32,7 @@ def settings_for(exp: Experiment) -> HessianSettings:
     return HessianSettings(
         top_k=h.top_k,
         tol=h.tol,
+        criterion=h.criterion,
         max_iter=h.max_iter,
         trace=h.trace,
         trace_rtol=h.trace_rtol,

@@ -123,6 +123,7 @@ class HessianSpec(_Strict):
     enabled: bool = True
     top_k: int = Field(5, ge=1, le=200)
     tol: float = Field(1e-6, gt=0.0, lt=1.0)
+    criterion: Literal["residual", "eigenvalue"] = "residual"
     max_iter: int | None = Field(None, ge=1)
     trace: bool = True
     trace_rtol: float = Field(0.05, gt=0.0, lt=1.0)

@@ -36,6 +36,7 @@ class HessianSettings:
 
     top_k: int = 5
     tol: float = 1e-6
+    criterion: str = "residual"  # or "eigenvalue": stop on eigenvalue error estimates
     max_iter: int | None = None
     trace: bool = True
     trace_rtol: float = 0.05
@@ -184,7 +185,14 @@ def analyze_model(
             op = WeightHessian(model, loss_fn, _local_batches(pool_or_data), dtype=dtype)
         k = min(settings.top_k, int(op.size))
         t0 = time.perf_counter()
-        eig = lanczos(op, k=k, tol=settings.tol, seed=settings.seed, max_iter=settings.max_iter)
+        eig = lanczos(
+            op,
+            k=k,
+            tol=settings.tol,
+            seed=settings.seed,
+            max_iter=settings.max_iter,
+            criterion=settings.criterion,
+        )
         times["lanczos"] = time.perf_counter() - t0
         state = "converged" if eig.converged else "NOT converged"
         say(

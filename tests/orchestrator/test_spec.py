@@ -84,6 +84,7 @@ BAD = [
     ({"training": {"lr_scaling": "cubic"}}, "lr_scaling"),
     ({"hessian": {"top_k": 0}}, "hessian.top_k"),
     ({"hessian": {"dtype": "float16"}}, "hessian.dtype"),
+    ({"hessian": {"criterion": "fast"}}, "hessian.criterion"),
     ({"hessian": {"num_actors": 0}}, "hessian.num_actors"),
     ({"hessian": {"unknown": 1}}, "hessian.unknown"),
     ({"resources": {"gpus": -1}}, "resources.gpus"),

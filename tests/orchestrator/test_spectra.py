@@ -131,6 +131,17 @@ def test_parts_can_be_switched_off(problem):
     assert math.isfinite(metrics["hessian/eig_2"])
 
 
+def test_eigenvalue_criterion_gives_the_same_top_k_with_fewer_products(problem, local_report):
+    model, train, test = problem
+    settings = dataclasses.replace(
+        SETTINGS, criterion="eigenvalue", trace=False, density=False, input_samples=0
+    )
+    report = analyze_model(model, train, *test, settings)
+    assert report.converged
+    np.testing.assert_allclose(report.eigenvalues, local_report.eigenvalues, rtol=1e-8)
+    assert report.n_matvecs < local_report.n_matvecs
+
+
 def test_report_is_immutable(local_report):
     with pytest.raises(dataclasses.FrozenInstanceError):
         local_report.trace = 0.0
