@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from analysis.hessian.lanczos import lanczos_step, random_unit_rows, tridiagonal
+from analysis.hessian.lanczos import krylov_dtype, lanczos_step, random_unit_rows, tridiagonal
 from analysis.hessian.protocol import LinearOperator, SingleAsBatch, check_operator, operator_device
 from analysis.hessian.results import DensityResult
 
@@ -19,8 +19,9 @@ def _quadrature(
     bop.device = operator_device(op)
     d = bop.size
     rows = torch.zeros(1, dtype=torch.long)
-    basis = torch.zeros(1, steps, d, dtype=op.dtype, device=bop.device)
-    basis[:, 0] = random_unit_rows(gen, 1, d, op.dtype, bop.device)
+    work = krylov_dtype(torch.device(bop.device))
+    basis = torch.zeros(1, steps, d, dtype=work, device=bop.device)
+    basis[:, 0] = random_unit_rows(gen, 1, d, work, bop.device)
     alpha = torch.zeros(1, steps, dtype=torch.float64)
     beta = torch.zeros(1, steps, dtype=torch.float64)
     m = steps
