@@ -192,6 +192,7 @@ def batched_lanczos(
     return_vectors: bool = True,
     criterion: str = "residual",
     keep_products: bool = False,
+    basis_dtype: torch.dtype | None = None,
 ) -> LanczosOutcome:
     """Wanted eigenpairs of every row's operator by Lanczos with full re-orthogonalisation.
 
@@ -204,7 +205,9 @@ def batched_lanczos(
     space becomes invariant the row restarts from a fresh random vector, so repeated
     eigenvalues are found, and only stops once the newest block cannot improve the answer.
     ``keep_products`` stores every product so the true residuals ``||A x - theta x||``
-    come out exact without another product (at the memory of a second basis).
+    come out exact without another product (at the memory of a second basis). The basis
+    is float64 unless ``basis_dtype`` says otherwise (``krylov_dtype``); the three-term
+    recurrence always runs in float64.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
@@ -219,7 +222,7 @@ def batched_lanczos(
     if m_max < k:
         raise ValueError(f"max_iter={max_iter} is smaller than k={k}")
     dtype, device = bop.dtype, torch.device(bop.device)
-    work = krylov_dtype(device)
+    work = basis_dtype or krylov_dtype(device)
     # Below this a coupling is round-off: treating it as an invariant subspace (and
     # restarting) changes no wanted Ritz value by more than a hundredth of the tolerance.
     breakdown_tol = max(1e-2 * tol, 100 * torch.finfo(dtype).eps)
