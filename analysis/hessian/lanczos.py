@@ -79,10 +79,8 @@ def _wanted_columns(m: int, k: int, which: str) -> torch.Tensor:
 
 
 def _project_out(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    # The coefficients are small once w is nearly orthogonal, so they and the correction
-    # may be formed in the basis' precision; only the subtraction needs w's.
-    coeffs = torch.einsum("bmd,bd->bm", basis, w.to(basis.dtype))
-    return w - torch.einsum("bm,bmd->bd", coeffs, basis).to(w.dtype)
+    coeffs = torch.einsum("bmd,bd->bm", basis, w)
+    return w - torch.einsum("bm,bmd->bd", coeffs, basis)
 
 
 def _orthogonalise(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -146,19 +144,19 @@ def lanczos_step(
     j: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One three-term step from ``basis[:, j]``: fills ``alpha[:, j]``, returns the fully
-    re-orthogonalised next direction (float64), its norm (the next ``beta``) and the
-    product itself."""
+    re-orthogonalised next direction (in the basis' precision), its norm (the next
+    ``beta``) and the product itself."""
     q = basis[:, j]
     product = bop.matvec(q.to(bop.dtype), rows).reshape(q.shape)
     # The recurrence cancels most of H q (H q ~ alpha q once a Ritz pair converges), so
-    # it runs in float64 whatever the operator's precision.
-    q64 = q.double()
-    a = (q64 * product.double()).sum(dim=1)
-    w = product.double() - a[:, None] * q64
+    # it runs in the basis' precision (float64 by default) whatever the operator's.
+    w = product.to(q.dtype)
+    a = (q * w).sum(dim=1)
+    w = w - a[:, None] * q
     if j > 0:
-        w = w - beta[:, j - 1].to(device=q.device)[:, None] * basis[:, j - 1].double()
+        w = w - beta[:, j - 1].to(dtype=q.dtype, device=q.device)[:, None] * basis[:, j - 1]
     w = _orthogonalise(w, basis[:, : j + 1])
-    alpha[:, j] = a.cpu()
+    alpha[:, j] = a.double().cpu()
     return w, w.norm(dim=1), product
 
 
@@ -206,8 +204,8 @@ def batched_lanczos(
     eigenvalues are found, and only stops once the newest block cannot improve the answer.
     ``keep_products`` stores every product so the true residuals ``||A x - theta x||``
     come out exact without another product (at the memory of a second basis). The basis
-    is float64 unless ``basis_dtype`` says otherwise (``krylov_dtype``); the three-term
-    recurrence always runs in float64.
+    and the three-term recurrence are float64 unless ``basis_dtype`` says otherwise
+    (``krylov_dtype``).
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
