@@ -201,6 +201,7 @@ class ShardActor:
             "num_samples": self.num_samples,
             "models": list(self.models),
             "operators": list(self.operators),
+            "graphs": [k for k, (_, op) in self.operators.items() if op.cached_bytes],
         }
 
     def release(self, model_id: str | None = None, op_key: str | None = None) -> None:

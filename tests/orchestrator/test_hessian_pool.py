@@ -135,6 +135,22 @@ def test_two_models_concurrently_equal_sequentially(pool):
         assert torch.equal(a, b)
 
 
+def test_only_the_operators_in_use_keep_their_gradient_graphs(pool):
+    models = [make_mlp(seed=s) for s in (7, 8, 9)]
+    v = torch.randn(sum(p.numel() for p in models[0].parameters()), dtype=torch.float64)
+    with (
+        pool.weight_hessian(models[0]) as a,
+        pool.weight_hessian(models[1]) as b,
+        pool.weight_hessian(models[2]) as c,
+    ):
+        for op in (a, b, c):
+            op.matvec(v)
+        infos = ray.get([actor.info.remote() for actor in pool.actors])
+    for info in infos:
+        assert len(info["operators"]) == 3
+        assert info["graphs"] == info["operators"][-2:]  # the two most recent ones
+
+
 class KillingOperator:
     """Wraps an operator and kills one actor (Ray restarts it) on the n-th product."""
 
