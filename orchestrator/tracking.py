@@ -8,9 +8,12 @@ existing child run by tag after a restore and never re-logs a step it already ha
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +45,34 @@ def resolve_tracking_uri(explicit: str | None = None, spec_uri: str | None = Non
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or DEFAULT_TRACKING_URI
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while MLflow creates or migrates it.
+
+    MLflow builds a new store's tables in several migrations; two processes doing it at
+    once (two ``hessweep`` commands started together) leave one or both failing.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def connect(tracking_uri: str) -> MlflowClient:
     """A client for ``tracking_uri``, checked to answer before any training starts."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        db.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    client = MlflowClient(tracking_uri=tracking_uri)
     try:
-        client.search_experiments(max_results=1)
+        with _sqlite_init_lock(tracking_uri):
+            client = MlflowClient(tracking_uri=tracking_uri)
+            client.search_experiments(max_results=1)
     except Exception as err:  # any failure means the store is unusable
         raise UserInputError(
             f"the MLflow tracking store {redact_text(tracking_uri)!r} cannot be reached "
