@@ -98,8 +98,12 @@ def test_trial_restored_after_a_crash_ends_bit_identical(tmp_path: Path) -> None
     assert "simulated node failure" in (Path(crashed.path) / "error.txt").read_text()
     assert not (Path(clean.path) / "error.txt").exists()
     history = crashed.metrics_dataframe
-    assert history["epoch"].tolist() == [1, 2, 3, 4]
-    assert history["pid"][1] != history["pid"][2]
+    epochs, pids = history["epoch"].tolist(), history["pid"].tolist()
+    # A new process continued from a checkpoint: epoch 2's, or epoch 1's should the error
+    # reach the driver before epoch 2's result (a race a loaded machine can hit).
+    restart = next(i for i, pid in enumerate(pids) if pid != pids[0])
+    assert epochs[:restart] == [1, 2] and epochs[restart:][-2:] == [3, 4]
+    assert epochs[restart] in (2, 3) and len(set(pids[restart:])) == 1
     a, b = _final_weights(crashed), _final_weights(clean)
     for key in a:
         assert torch.equal(a[key], b[key]), key
