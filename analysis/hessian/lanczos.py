@@ -228,8 +228,9 @@ def batched_lanczos(
     kk = len(_wanted_columns(d, k, which))
 
     rows = torch.arange(b)
-    # The basis grows geometrically and is never zero-filled: only its first m columns are
-    # ever read. With many rows (per-sample input Hessians) it is the largest buffer.
+    # The basis grows geometrically (by half: at most a third of it is spare) and is never
+    # zero-filled: only its first m columns are ever read. With many rows (per-sample input
+    # Hessians) it is the largest buffer.
     basis = torch.empty(b, min(m_max, 16), d, dtype=work, device=device)
     basis[:, 0] = random_unit_rows(gen, b, d, work, device)
     products = torch.empty(basis.shape, dtype=dtype, device=device) if keep_products else None
@@ -298,7 +299,7 @@ def batched_lanczos(
             if products is not None:
                 products = _resized(products, m, products.shape[1], keep)
         if m >= basis.shape[1]:
-            basis = _resized(basis, m, min(m_max, 2 * m))
+            basis = _resized(basis, m, min(m_max, m + max(16, m // 2)))
             if products is not None:
                 products = _resized(products, m, basis.shape[1])
         nxt = w / bnorm_safe(w)
