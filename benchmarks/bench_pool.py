@@ -10,6 +10,8 @@ a table with wall times, seconds per product and the speed-up; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import time
 
@@ -62,7 +64,15 @@ def timed_lanczos(
     return wall, cpu, res
 
 
-def main() -> None:
+def run() -> str:
+    """The table with default arguments, as text (for ``run_all``)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main([])
+    return "## Hessian actor pool: 1 vs 2 actors\n\n```\n" + out.getvalue().strip() + "\n```"
+
+
+def main(argv: list[str] | None = None) -> None:
     """Run the local baseline, then 1 and 2 actors, and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2000)
@@ -70,7 +80,7 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--max-iter", type=int, default=60)
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model = wide_mlp(0) if args.model == "mlp" else build_seeded_model("c1", 10, 3, 32, 0)
     data = cifar_like(args.samples, seed=1)
     print(

@@ -23,6 +23,8 @@ The goal is Tune within 1.2x of bare; times are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import subprocess
@@ -118,6 +120,14 @@ def machine_load() -> str:
         return out.stdout.strip()
     except OSError:
         return f"loadavg {os.getloadavg()}"
+
+
+def run() -> str:
+    """The table with default arguments, as text (for ``run_all``)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main([])
+    return "## Training under Tune vs bare\n\n" + out.getvalue().strip()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 BENCHMARKS = [
     "bench_hessian",
+    "bench_pool",
+    "bench_tune_overhead",
 ]
 
 
