@@ -12,7 +12,9 @@ class EigenResult:
     """Eigenpairs of a symmetric operator, sorted descending, with their quality.
 
     ``residuals[i]`` is the true norm ``||A x_i - lambda_i x_i||`` (unit ``x_i``), measured
-    after the solver stopped; ``converged`` is whether every pair met the stopping rule.
+    after the solver stopped (Lanczos forms ``A x_i`` from the products it kept, power
+    iteration with one more product); ``converged`` is whether every pair met the
+    stopping rule.
     """
 
     eigenvalues: torch.Tensor

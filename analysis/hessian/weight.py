@@ -79,8 +79,8 @@ class WeightHessian:
         self.hvp_mode = hvp
         named = dict(self.model.named_parameters())
         self.theta = {n: named[n].detach().clone() for n in self.names}
-        self.fixed = {n: p.detach() for n, p in named.items() if n not in self.theta}
-        self.fixed.update({n: b.detach() for n, b in self.model.named_buffers()})
+        self.fixed = {n: p.detach().clone() for n, p in named.items() if n not in self.theta}
+        self.fixed.update({n: b.detach().clone() for n, b in self.model.named_buffers()})
         self.shapes = [self.theta[n].shape for n in self.names]
         self.numels = [self.theta[n].numel() for n in self.names]
         self.size = sum(self.numels)
