@@ -94,16 +94,17 @@ def test_trial_restored_after_a_crash_ends_bit_identical(tmp_path: Path) -> None
     assert not grid.errors
     by_crash = {r.config["crash_after"]: r for r in grid}
     crashed, clean = by_crash[2], by_crash[0]
-    # it did crash after epoch 2, and a new process continued from that checkpoint
+    # it did crash after epoch 2's report
     assert "simulated node failure" in (Path(crashed.path) / "error.txt").read_text()
     assert not (Path(clean.path) / "error.txt").exists()
     history = crashed.metrics_dataframe
     epochs, pids = history["epoch"].tolist(), history["pid"].tolist()
-    # A new process continued from a checkpoint: epoch 2's, or epoch 1's should the error
-    # reach the driver before epoch 2's result (a race a loaded machine can hit).
+    # A new process continued from the last checkpoint Tune had taken: epoch 2's, or epoch
+    # 1's when the error reached the driver before epoch 2's result did (seen in a fresh
+    # clone's run: the pid changed at epoch 2, whose first result was never recorded).
     restart = next(i for i, pid in enumerate(pids) if pid != pids[0])
-    assert epochs[:restart] == [1, 2] and epochs[restart:][-2:] == [3, 4]
-    assert epochs[restart] in (2, 3) and len(set(pids[restart:])) == 1
+    assert epochs[:restart] in ([1], [1, 2]) and len(set(pids[restart:])) == 1
+    assert epochs[restart:] == list(range(epochs[restart], 5)) and epochs[restart] in (2, 3)
     a, b = _final_weights(crashed), _final_weights(clean)
     for key in a:
         assert torch.equal(a[key], b[key]), key
