@@ -10,8 +10,6 @@ a table with wall times, seconds per product and the speed-up; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import time
 
@@ -66,10 +64,9 @@ def timed_lanczos(
 
 def run() -> str:
     """The table with default arguments, as text (for ``run_all``)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        main([])
-    return "## Hessian actor pool: 1 vs 2 actors\n\n```\n" + out.getvalue().strip() + "\n```"
+    from benchmarks.measure import printed_by  # run_all puts the repository on sys.path
+
+    return "## Hessian actor pool: 1 vs 2 actors\n\n```\n" + printed_by(main) + "\n```"
 
 
 def main(argv: list[str] | None = None) -> None:

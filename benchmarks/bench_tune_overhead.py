@@ -23,8 +23,6 @@ The goal is Tune within 1.2x of bare; times are printed, never asserted.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import statistics
 import subprocess
@@ -124,10 +122,9 @@ def machine_load() -> str:
 
 def run() -> str:
     """The table with default arguments, as text (for ``run_all``)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        main([])
-    return "## Training under Tune vs bare\n\n" + out.getvalue().strip()
+    from benchmarks.measure import printed_by  # run_all puts the repository on sys.path
+
+    return "## Training under Tune vs bare\n\n" + printed_by(main)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import io
 import os
 import platform
 import time
@@ -147,3 +148,11 @@ def machine_line() -> str:
     except OSError:
         load = "load n/a"
     return f"{cpu}, {os.cpu_count()} cores, {threads()} threads per library, {load}"
+
+
+def printed_by(main: Callable[[list[str]], object]) -> str:
+    """What a script's ``main`` prints when run with its default arguments (for run_all)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main([])
+    return out.getvalue().strip()

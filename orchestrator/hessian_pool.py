@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, Dataset
 from analysis.hessian import BatchedEigenResult, WeightHessian, input_hessian_spectrum
 from analysis.hessian.graphcache import default_cache_bytes
 from analysis.hessian.modelutil import LossFn
-from analysis.hessian.weight import DEFAULT_CHUNK_ELEMENTS
 
 CACHE_SIZE = 8
 KEEP_GRAPHS = 2  # operators per actor that keep their gradient graphs (phase.max_parallel)
@@ -94,12 +93,6 @@ def without_grad(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).requires_grad_(False)
 
 
-def _chunk(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None) -> list[tuple]:
-    """Split a shard into chunks of ``chunk_size`` samples (the engine's default if None)."""
-    step = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, x[0].numel()))
-    return list(zip(x.split(step), y.split(step), strict=True))
-
-
 @ray.remote(max_restarts=3, max_task_retries=3)
 class ShardActor:
     """One shard of the training set and the Hessian operators of models on it.
@@ -123,7 +116,7 @@ class ShardActor:
         self.chunk_size = chunk_size
         self.models: OrderedDict[str, nn.Module] = OrderedDict()
         self.operators: OrderedDict[str, tuple[str, WeightHessian]] = OrderedDict()
-        self.data: dict[torch.dtype, list[tuple]] = {}
+        self.data: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _model(self, handle: ModelHandle) -> nn.Module:
         if handle.model_id not in self.models:
@@ -133,11 +126,12 @@ class ShardActor:
         self.models.move_to_end(handle.model_id)
         return self.models[handle.model_id]
 
-    def _chunks(self, dtype: torch.dtype) -> list[tuple]:
+    def _shard(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This actor's samples on its device in ``dtype`` (operators chunk them as views)."""
         if dtype not in self.data:
             x = self.x.to(self.device)
             x = x.to(dtype) if x.is_floating_point() else x
-            self.data[dtype] = _chunk(x, self.y.to(self.device), self.chunk_size)
+            self.data[dtype] = (x, self.y.to(self.device))
         return self.data[dtype]
 
     def _operator(self, recipe: OperatorRecipe) -> WeightHessian:
@@ -147,7 +141,7 @@ class ShardActor:
             op = WeightHessian(
                 model,
                 recipe.loss_fn,
-                self._chunks(dtype),
+                [self._shard(dtype)],
                 dtype=dtype,
                 chunk_size=self.chunk_size,
                 cache_bytes=default_cache_bytes(self.device) // KEEP_GRAPHS,

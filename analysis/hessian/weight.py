@@ -124,8 +124,9 @@ class WeightHessian:
         )
         if not same:
             return batches
-        xs = torch.cat([x for x, _ in batches])
-        ys = torch.cat([y for _, y in batches])
+        # One batch is chunked as views (a Ray actor's shard is not copied a second time).
+        xs = batches[0][0] if len(batches) == 1 else torch.cat([x for x, _ in batches])
+        ys = batches[0][1] if len(batches) == 1 else torch.cat([y for _, y in batches])
         per_sample = max(1, xs[0].numel())
         step = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // per_sample)
         if chunk_size is None and self.device.type == "cpu":
