@@ -10,6 +10,7 @@ from typing import Any
 from ray import tune
 from ray.tune import CheckpointConfig, FailureConfig, RunConfig
 
+from orchestrator.retention import CheckpointRetention
 from orchestrator.spec import Experiment, RobustSetting
 from trainables.train import train_classifier
 
@@ -77,8 +78,8 @@ def build_tuner(exp: Experiment, run_name: str, callbacks: list[Any]) -> tune.Tu
         name=run_name,
         storage_path=storage_path(exp.storage),
         failure_config=FailureConfig(max_failures=exp.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=2),
-        callbacks=callbacks,
+        checkpoint_config=CheckpointConfig(num_to_keep=None),
+        callbacks=[*callbacks, CheckpointRetention(keep=2)],
         progress_reporter=reporter(exp),
         verbose=1,
     )
