@@ -37,7 +37,8 @@ TASK_NAMES = {
 }
 
 
-RESULTS = ROOT / "runs" / "bench"  # raw results, git-ignored; the report is re-rendered from them
+# Raw results (git-ignored; the report is re-rendered from them); HESSWEEP_BENCH_RESULTS moves them.
+RESULTS = Path(os.environ.get("HESSWEEP_BENCH_RESULTS", ROOT / "runs" / "bench"))
 
 
 def run_worker(setting: str, out: Path) -> dict[str, Any]:
@@ -103,12 +104,13 @@ def setting_table(res: dict[str, Any]) -> list[str]:
     out = [
         f"### {info['title']}",
         "",
-        f"{info['n_params']:,} parameters; {info['note']}. Threads: {info['threads']}; "
+        f"{info['n_params']:,} parameters; {info['note']}. Device: {info.get('device', 'cpu')}; "
+        f"CPU threads: {info['threads']}; "
         f"repeats: products {plan['hvp_repeats']}, solvers up to {plan['repeats']} (one when "
         f"a run takes > 20 s); ratios on {clock} seconds; worker {info['seconds']:.0f} s wall.",
         "",
         "| task | method | settings | wall s | CPU s | n | peer / ours | rel. error | HVPs "
-        "| peak extra RSS MiB |",
+        f"| peak extra {info.get('memory_kind', 'RSS')} MiB |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     grad = by.get(("grad", "torch"))
@@ -127,10 +129,11 @@ def setting_table(res: dict[str, Any]) -> list[str]:
             settings = r.get("settings", "")
             if task == "hvp":
                 settings = "one product over all samples"
-                if "first_cpu_s" in r:
+                first = r.get("first_s", r.get("first_cpu_s"))
+                if first is not None:
                     settings += (
                         f" (after the first, which keeps the gradient graph: "
-                        f"{r['first_cpu_s']:.3f} CPU s)"
+                        f"{first:.3f} {'CPU' if clock == 'cpu' else 'wall'} s)"
                     )
             if task == "grad":
                 settings = "mean loss over the same batches, eval mode"
@@ -274,10 +277,17 @@ def run() -> str:
         "a fresh worker process; within a repeat the libraries take turns (ours first), so "
         "load from elsewhere hits them alike. With one thread, ratios use CPU seconds of "
         "the process (what the work costs, unaffected by other processes on the machine); "
-        "wall seconds are shown too. Peak memory: the extra resident memory of one call, "
-        "i.e. the RSS high-water mark (VmHWM, reset before the call through "
-        "/proc/self/clear_refs) minus the RSS before it, after malloc_trim(0) has handed "
-        "memory freed by earlier calls back to the OS.",
+        "wall seconds are shown too. "
+        + (
+            "On a GPU, ratios use wall seconds with the device synchronised around each "
+            "call, and peak memory is the CUDA allocator's peak during a call minus what "
+            "was allocated before it."
+            if first.get("device", "cpu") != "cpu"
+            else "Peak memory: the extra resident memory of one call, i.e. the RSS "
+            "high-water mark (VmHWM, reset before the call through /proc/self/clear_refs) "
+            "minus the RSS before it, after malloc_trim(0) has handed memory freed by "
+            "earlier calls back to the OS."
+        ),
         "",
     ]
     for res in results.values():

@@ -44,7 +44,7 @@ class Ours:
         self.op.release()
         res = lanczos(self.op, k=k, tol=OUR_TOL, seed=0, criterion="eigenvalue")
         self.krylov[k] = res.n_iterations
-        return res.eigenvalues.numpy(), {"converged": res.converged}
+        return res.eigenvalues.cpu().numpy(), {"converged": res.converged}
 
     def trace(self, probes: int) -> tuple[float, dict[str, Any]]:
         from analysis.hessian import hutchinson_trace
@@ -64,7 +64,7 @@ class PyHessian:
         from pyhessian import hessian
 
         self.params = [p for p in s.model.parameters() if p.requires_grad]
-        self.h = hessian(s.model, CE, dataloader=s.batches, cuda=False)
+        self.h = hessian(s.model, CE, dataloader=s.batches, cuda=s.device.type == "cuda")
         self.h.dataloader_hv_product = counter.wrap(self.h.dataloader_hv_product)
 
     def hvp(self, v: torch.Tensor) -> Any:
@@ -102,7 +102,7 @@ class Eigenthings:
         from hessian_eigenthings import lanczos
 
         res = lanczos(self.op, k=k, max_iter=max_iter, which="LA", reorthogonalize=True, seed=0)
-        vals = res.eigenvalues.double().numpy()
+        vals = res.eigenvalues.double().cpu().numpy()
         return np.sort(vals)[::-1].copy(), {"converged": bool(res.converged.all())}
 
     def trace(self, probes: int) -> tuple[float, dict[str, Any]]:

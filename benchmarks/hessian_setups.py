@@ -25,6 +25,7 @@ class Setting:
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # what every library is given
     n_params: int
     note: str
+    device: torch.device
 
 
 def digits_cnn() -> nn.Module:
@@ -88,8 +89,12 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed
     )
 
 
-def make_setting(name: str, seed: int = 0) -> Setting:
-    """Build a setting deterministically from ``seed`` (the model is left in eval mode)."""
+def make_setting(name: str, seed: int = 0, device: str = "cpu") -> Setting:
+    """Build a setting deterministically from ``seed`` (the model is left in eval mode).
+
+    The model is trained on the CPU, so every device measures the same weights; model and
+    data are then moved to ``device``.
+    """
     torch.manual_seed(seed)
     if name == "digits":
         model = digits_cnn()
@@ -105,7 +110,8 @@ def make_setting(name: str, seed: int = 0) -> Setting:
         title = "(b) larger CNN on 2,048 random CIFAR-shaped samples 3x32x32"
     else:
         raise ValueError(f"unknown setting {name!r}; choose from {SETTINGS}")
-    model.eval()
+    model.eval().to(device)
+    x, y = x.to(device), y.to(device)
     for p in model.parameters():
         p.requires_grad_(True)
     n_params = sum(p.numel() for p in model.parameters())
@@ -113,4 +119,4 @@ def make_setting(name: str, seed: int = 0) -> Setting:
     # average batches without weights (hessian-eigenthings) still get the exact Hessian.
     n_batches = 3 if name == "digits" else 4
     batches = list(zip(x.chunk(n_batches), y.chunk(n_batches), strict=True))
-    return Setting(name, title, model, x, y, batches, n_params, note)
+    return Setting(name, title, model, x, y, batches, n_params, note, torch.device(device))

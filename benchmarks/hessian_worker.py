@@ -19,13 +19,18 @@ import torch
 
 from benchmarks import hessian_peers as peers
 from benchmarks.hessian_setups import Setting, make_setting
-from benchmarks.measure import hwm_supported, threads, timed
+from benchmarks.measure import bench_device, hwm_supported, threads, timed
 
 # Per setting: repeats of the products and of the solver runs, trace probes, a safety cap
 # on any one run (wall s) and the wall budget of each per-sample loop (then extrapolated).
 PLAN = {
     "digits": {"hvp_repeats": 7, "repeats": 3, "probes": 30, "cap_s": 600.0, "loop_cap_s": 90.0},
     "cifar": {"hvp_repeats": 3, "repeats": 1, "probes": 10, "cap_s": 600.0, "loop_cap_s": 45.0},
+}
+# On a GPU every run is short, so more repeats; the per-sample loops are capped sooner.
+GPU_PLAN = {
+    "digits": {"hvp_repeats": 20, "repeats": 3, "probes": 30, "cap_s": 120.0, "loop_cap_s": 15.0},
+    "cifar": {"hvp_repeats": 20, "repeats": 3, "probes": 10, "cap_s": 120.0, "loop_cap_s": 15.0},
 }
 SLOW_RUN_S = 20.0  # after a run this slow, that method is not repeated
 N_INPUT = 1000
@@ -49,10 +54,11 @@ def rel_err(vals: np.ndarray, ref: np.ndarray) -> float:
 
 
 class Recorder:
-    def __init__(self, setting: str, memory: bool) -> None:
+    def __init__(self, setting: str, memory: bool, cuda: bool = False) -> None:
         self.rows: list[dict[str, Any]] = []
         self.setting = setting
         self.memory = memory
+        self.cuda = cuda
 
     def row(self, task: str, key: str, label: str, **kw: Any) -> dict[str, Any]:
         r = {"task": task, "key": key, "label": label, "times": [], "cpu": [], "peak_mib": None}
@@ -66,7 +72,7 @@ class Recorder:
             counter.calls = 0
             counter.deadline = None if cap_s is None else time.perf_counter() + cap_s
         try:
-            run = timed(fn, self.memory)
+            run = timed(fn, self.memory, self.cuda)
         finally:
             if counter is not None:
                 counter.deadline = None
@@ -90,7 +96,7 @@ def references(s: Setting, info: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     op64 = WeightHessian(s.model, peers.CE, s.batches, dtype=torch.float64)
     res = lanczos(op64, k=10, tol=REF_TOL, seed=1)
-    ref["top10"] = res.eigenvalues.numpy()
+    ref["top10"] = res.eigenvalues.cpu().numpy()
     op32 = WeightHessian(s.model, peers.CE, s.batches)
     low = lanczos(op32, k=1, tol=1e-3, seed=1, which="smallest")  # informative only
     info["ref_top"] = {
@@ -122,7 +128,7 @@ def references(s: Setting, info: dict[str, Any]) -> dict[str, Any]:
     inp = input_hessian_spectrum(
         s.model, peers.CE, x, y, k=1, tol=1e-10, dtype=torch.float64, batch_size=N_INPUT
     )
-    ref["input"] = inp.eigenvalues[:, 0].numpy()
+    ref["input"] = inp.eigenvalues[:, 0].cpu().numpy()
     info["ref_input"] = {
         "method": "float64 batched lanczos (this engine), tol 1e-10",
         "converged": int(inp.converged.sum()),
@@ -184,7 +190,7 @@ def cross_checks(s: Setting, ref: dict[str, Any], info: dict[str, Any]) -> None:
 
     hs = torch.func.vmap(torch.func.hessian(per_sample))(x, y).detach()
     d = x[0].numel()
-    dense = torch.linalg.eigvalsh(hs.reshape(len(x), d, d))[:, -1].numpy()
+    dense = torch.linalg.eigvalsh(hs.reshape(len(x), d, d))[:, -1].cpu().numpy()
     scale = np.abs(dense).max()
     info["xcheck_input"] = {
         "method": "dense per-sample torch.func.hessian (vmap) + eigvalsh, float64",
@@ -200,7 +206,7 @@ def cross_checks(s: Setting, ref: dict[str, Any], info: dict[str, Any]) -> None:
 def products(s: Setting, libs, ref, rec: Recorder, repeats: int) -> None:
     """One gradient (the baseline) and one HVP per library, interleaved, warmed up."""
     gen = torch.Generator().manual_seed(7)
-    v = torch.randn(s.n_params, generator=gen)
+    v = torch.randn(s.n_params, generator=gen).to(s.device)
     hv_ref = ref["op64"].matvec(v.double())
     grad_row = rec.row("grad", "torch", "torch.autograd.grad (plain)", n_hvp=0)
     rows = {key: rec.row("hvp", key, obj.label, n_hvp=1) for key, (obj, _) in libs.items()}
@@ -211,9 +217,8 @@ def products(s: Setting, libs, ref, rec: Recorder, repeats: int) -> None:
         fn()
     ours = libs["ours"][0]
     ours.op.release()  # time the first product too: it builds the kept gradient graph
-    t0 = time.process_time()
-    ours.hvp(v)
-    rows["ours"]["first_cpu_s"] = time.process_time() - t0
+    first = timed(lambda: ours.hvp(v), False, rec.cuda)
+    rows["ours"]["first_s"] = first.wall if rec.cuda else first.cpu
     for _ in range(repeats):
         for r, fn in calls:
             out = rec.measure(r, fn)
@@ -347,7 +352,7 @@ def input_hessians(s: Setting, ref, rec: Recorder, repeats: int, loop_cap: float
         vals = rec.measure(
             r, lambda: input_hessian_eigenvalues(model, peers.CE, x, y, k=1, tol=tol)
         )
-        r["rel_err"] = err(vals[:, 0].numpy(), N_INPUT)
+        r["rel_err"] = err(vals[:, 0].cpu().numpy(), N_INPUT)
 
     def loop(fn, r: dict[str, Any]) -> None:
         out = []
@@ -433,14 +438,18 @@ def main(name: str, out_path: str) -> None:
     # Noise from the peers' internals (PyHessian's backward(create_graph=True), jit notes)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
-    plan = PLAN[name]
+    device = bench_device()
+    cuda = device == "cuda"
+    plan = (GPU_PLAN if cuda else PLAN)[name]
     t_start = time.perf_counter()
-    memory = hwm_supported()
-    s = make_setting(name)
+    memory = cuda or hwm_supported()
+    s = make_setting(name, device=device)
     log(f"{s.title}: {s.n_params:,} parameters; {s.note}")
     info: dict[str, Any] = {
         # ratios use CPU seconds when one thread runs (robust to other load), else wall
-        "clock": "cpu" if torch.get_num_threads() == 1 else "wall",
+        "clock": "cpu" if torch.get_num_threads() == 1 and not cuda else "wall",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "memory_kind": "CUDA allocator" if cuda else "RSS",
         "setting": name,
         "title": s.title,
         "n_params": s.n_params,
@@ -451,7 +460,7 @@ def main(name: str, out_path: str) -> None:
         "plan": plan,
         "torch": torch.__version__,
     }
-    rec = Recorder(name, memory)
+    rec = Recorder(name, memory, cuda)
     try:
         ref = references(s, info)
         if name == "digits":

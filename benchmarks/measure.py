@@ -33,6 +33,11 @@ def threads() -> int:
     return int(os.environ.get("HESSWEEP_BENCH_THREADS", "1"))
 
 
+def bench_device() -> str:
+    """Where the Hessian benchmark runs: HESSWEEP_BENCH_DEVICE, ``cpu`` (default) or ``cuda``."""
+    return os.environ.get("HESSWEEP_BENCH_DEVICE", "cpu")
+
+
 def worker_env() -> dict[str, str]:
     """Environment for a measuring subprocess: the same thread count for every library."""
     n = str(threads())
@@ -119,17 +124,36 @@ class Run:
     error: BaseException | None = None
 
 
-def timed(fn: Callable[[], Any], track_memory: bool) -> Run:
-    """Run ``fn`` once. A ``BudgetExceeded`` is caught and returned with the time spent."""
-    base = reset_peak() if track_memory else 0.0
+def timed(fn: Callable[[], Any], track_memory: bool, cuda: bool = False) -> Run:
+    """Run ``fn`` once. A ``BudgetExceeded`` is caught and returned with the time spent.
+
+    With ``cuda`` the device is synchronised around the call (its kernels are timed, not
+    just their launch) and peak memory is the CUDA allocator's peak above what was
+    allocated before the call.
+    """
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        gc.collect()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = reset_peak() if track_memory else 0.0
     c0, t0 = time.process_time(), time.perf_counter()
     value, error = None, None
     try:
         value = fn()
     except BudgetExceeded as exc:
         error = exc
+    if cuda:
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return Run(wall, cpu, peak_since(base) if track_memory else None, value, error)
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if track_memory else None
+    else:
+        peak = peak_since(base) if track_memory else None
+    return Run(wall, cpu, peak, value, error)
 
 
 def machine_line() -> str:

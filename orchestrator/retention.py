@@ -10,6 +10,7 @@ checkpoint from the one named ``snapshots`` snapshots ago onwards and the newest
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,8 +77,6 @@ class CheckpointRetention(tune.Callback):
     @staticmethod
     def _delete(record: _TrialCheckpoints, first_kept: int) -> None:
         for checkpoint in record.held[: max(first_kept, 0)]:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 checkpoint.filesystem.delete_dir(checkpoint.path)
-            except FileNotFoundError:
-                pass
         del record.held[: max(first_kept, 0)]

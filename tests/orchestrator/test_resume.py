@@ -90,3 +90,10 @@ def test_driver_killed_mid_sweep_resumes_without_duplicates(ray_session, tmp_pat
         assert run.data.metrics["hessian/eig_1"] > 0
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     assert len(result.table) == 2
+    # Both trials finished under the second driver, which also pruned what the first left.
+    kept = {
+        trial.name: sorted(c.name for c in trial.glob("checkpoint_*"))
+        for trial in Path(result.sweep_dir).iterdir()
+        if trial.is_dir() and any(trial.glob("checkpoint_*"))
+    }
+    assert len(kept) == 2 and all(len(c) == 2 for c in kept.values()), kept

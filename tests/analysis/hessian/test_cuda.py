@@ -1,0 +1,72 @@
+"""The engine on a CUDA device agrees with the dense CPU reference (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from analysis.hessian import (
+    WeightHessian,
+    hutchinson_trace,
+    input_hessian_eigenvalues,
+    lanczos,
+    slq_density,
+)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CE = nn.CrossEntropyLoss()
+
+
+def _on_cuda(model, x, y, dtype=torch.float64):
+    return copy.deepcopy(model).to("cuda", dtype), x.to("cuda", dtype), y.cuda()
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_top_eigenvalues_on_cuda_match_the_dense_reference(cnn_problem, dtype, rtol):
+    model, x, y, dense = cnn_problem
+    ref = torch.linalg.eigvalsh(dense).flip(0)[:3]
+    m, xc, yc = _on_cuda(model, x, y, dtype)
+    op = WeightHessian(m, CE, [(xc[:10], yc[:10]), (xc[10:], yc[10:])])
+    assert op.device.type == "cuda"
+    res = lanczos(op, k=3, tol=1e-9, seed=0)
+    assert res.converged and res.eigenvalues.device.type == "cuda"
+    assert torch.allclose(res.eigenvalues.cpu().double(), ref, rtol=rtol, atol=rtol * ref[0])
+
+
+def test_kept_graphs_on_cuda_give_the_fresh_products(cnn_problem):
+    model, x, y, dense = cnn_problem
+    m, xc, yc = _on_cuda(model, x, y)
+    kept = WeightHessian(m, CE, [(xc, yc)])
+    fresh = WeightHessian(m, CE, [(xc, yc)], cache_bytes=0)
+    v = torch.randn(kept.size, dtype=torch.float64, device="cuda")
+    first, second = kept.matvec(v), kept.matvec(v)
+    assert kept.cached_bytes > 0 and fresh.cached_bytes == 0
+    expected = (dense @ v.cpu()).cuda()
+    for out in (first, second, fresh.matvec(v)):
+        assert torch.allclose(out, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_trace_and_density_on_cuda(cnn_problem):
+    model, x, y, dense = cnn_problem
+    m, xc, yc = _on_cuda(model, x, y)
+    op = WeightHessian(m, CE, [(xc, yc)])
+    tr = hutchinson_trace(op, rtol=5e-2, max_probes=400, seed=0)
+    assert tr.converged
+    assert abs(tr.estimate - float(dense.trace())) < 4 * tr.stderr
+    dens = slq_density(op, n_probes=3, steps=30, seed=0)
+    assert dens.moment(1) == pytest.approx(float(dense.trace()) / dense.shape[0], rel=0.5)
+    area = torch.trapezoid(dens.density.cpu(), dens.grid.cpu())
+    assert float(area) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_input_hessians_on_cuda_match_cpu(cnn_problem):
+    model, x, y, _ = cnn_problem
+    cpu = input_hessian_eigenvalues(model, CE, x, y, k=2, which="both", tol=1e-10)
+    m, xc, yc = _on_cuda(model, x, y)
+    gpu = input_hessian_eigenvalues(m, CE, xc, yc, k=2, which="both", tol=1e-10)
+    assert gpu.device.type == "cuda"
+    assert torch.allclose(gpu.cpu(), cpu, rtol=1e-7, atol=1e-10)
