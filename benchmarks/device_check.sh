@@ -18,6 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
     | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/analysis/hessian/test_cuda.py \
+    tests/analysis/hessian/test_modelutil.py \
     tests/trainables/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
 HESSWEEP_BENCH_DEVICE=cuda HESSWEEP_BENCH_RESULTS="$OUT" timeout "$BENCH_TIMEOUT" \
     python3 -m benchmarks.bench_hessian | tee "$OUT/bench_hessian_cuda.md"

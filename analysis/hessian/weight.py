@@ -17,6 +17,7 @@ from analysis.hessian.modelutil import (
     LossFn,
     cast_batch,
     eval_mode,
+    exact_float32,
     mean_loss,
     select_params,
     working_model,
@@ -161,7 +162,7 @@ class WeightHessian:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Exact Hessian-vector product ``H v`` of the mean loss over all the data."""
         tangent = self.unflatten(v)
-        with eval_mode(self.model):
+        with eval_mode(self.model), exact_float32():
             if self._graphs is None:
                 self._graphs = self._build_graphs()
             total = self._hvp_cached(tangent) if self._graphs else None
@@ -258,7 +259,7 @@ class WeightHessian:
     ) -> tuple[float, torch.Tensor]:
         """Mean loss and its flat gradient over all the data (eval mode)."""
         total_loss, total_grad = 0.0, None
-        with eval_mode(self.model):
+        with eval_mode(self.model), exact_float32():
             for x, y in self._batches() if batches is None else batches:
                 theta = {n: t.clone().requires_grad_(True) for n, t in self.theta.items()}
                 loss = self._loss(theta, x, y)
