@@ -20,5 +20,9 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 python3 -m pytest -q -p no:cacheprovider tests/analysis/hessian/test_cuda.py \
     tests/analysis/hessian/test_modelutil.py \
     tests/trainables/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+tests=$?
 HESSWEEP_BENCH_DEVICE=cuda HESSWEEP_BENCH_RESULTS="$OUT" timeout "$BENCH_TIMEOUT" \
     python3 -m benchmarks.bench_hessian | tee "$OUT/bench_hessian_cuda.md"
+bench=$?
+echo "device_check: CUDA tests exit $tests, benchmark exit $bench"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

@@ -2,7 +2,8 @@
 
 Runs ``trainables.fit`` with the spec's training settings for one batch size and robust
 setting (the epoch a trial really runs: training, clean and adversarial evaluation,
-curvature when ``hessian_every`` asks) and prints each epoch's seconds and the sweep's
+curvature when ``hessian_every`` asks, its checkpoint written to local disk, not uploaded)
+and prints each epoch's seconds and the sweep's
 device-hours: cells x epochs x seconds per epoch / 3600 / trials per device. Without
 ``--data-root`` a CIFAR-10 spec gets random images written in the real CIFAR pickle format
 and size (timing needs the shapes, not the pictures).
@@ -103,8 +104,8 @@ def main(argv: list[str]) -> int:
         def load(c: Any) -> Any:
             return load_dataset(c.dataset, root=c.data_root, verify_checksums=bool(args.data_root))
 
-        with mock.patch.object(train_module, "_load_data", load):
-            result = fit(cfg, on_epoch_end=tick)
+        with mock.patch.object(train_module, "_load_data", load):  # a trial checkpoints too
+            result = fit(cfg, checkpoint_dir=Path(tmp) / "trial", on_epoch_end=tick)
     device = torch.cuda.get_device_name() if result.device.type == "cuda" else "CPU"
     per_epoch = times[-1]
     robust, seeds = spec.get("robust") or [1], spec.get("seeds") or [0]

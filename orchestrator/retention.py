@@ -1,43 +1,81 @@
-"""Which trial checkpoints a sweep keeps, deleted only when no snapshot can still need them.
+"""Which trial checkpoints a sweep keeps: old ones go only once a resume cannot need them.
 
-Tune's own ``CheckpointConfig(num_to_keep=...)`` deletes a checkpoint as soon as newer ones
-arrive, while its experiment snapshot (what ``Tuner.restore`` reads after the driver dies)
-is written every ten seconds or more: a driver killed in between leaves a snapshot naming a
-deleted checkpoint, and Tune then refuses to restore that trial. Here Tune keeps every
-checkpoint and this driver callback deletes old ones at snapshot time, sparing every
-checkpoint from the one named ``snapshots`` snapshots ago onwards and the newest ``keep``.
+``Tuner.restore`` (``hessweep resume``) reads Tune's newest experiment snapshot *on
+storage* and restores each trial from the latest checkpoint that snapshot names. Tune's own
+``CheckpointConfig(num_to_keep=...)`` deletes checkpoints as soon as newer ones arrive,
+while snapshots are uploaded in the background every ten seconds or more (and skipped while
+an upload is still running): a driver killed in between leaves a snapshot naming a deleted
+checkpoint, and Tune refuses to restore that trial. So Tune keeps every checkpoint and this
+driver callback deletes a trial's old ones, at each snapshot and at the end, only below the
+one the snapshot on storage names (and never the newest ``keep``). When the stored snapshot
+cannot be read or does not name the trial's checkpoint, nothing of that trial is deleted.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections import deque
+import json
+import sys
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
+import pyarrow.fs as pafs
 from ray import tune
 
-from trainables.tune_checkpoint import older_checkpoints
+from trainables.tune_checkpoint import older_checkpoints, sibling_checkpoints
+
+SNAPSHOT_PREFIX = "experiment_state-"
+
+
+def stored_latest_checkpoints(fs: pafs.FileSystem, experiment: str) -> dict[str, str | None]:
+    """Trial id -> the checkpoint folder name the newest snapshot on storage restores from.
+
+    Read from Tune's snapshot (``experiment_state-<time>.json``: each trial's last result
+    carries ``checkpoint_dir_name``; every hessweep report has a checkpoint). Empty when no
+    snapshot is readable.
+    """
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(experiment))
+    except OSError:
+        return {}
+    names = sorted(
+        PurePosixPath(i.path).name
+        for i in infos
+        if i.type == pafs.FileType.File
+        and PurePosixPath(i.path).name.startswith(SNAPSHOT_PREFIX)
+        and i.path.endswith(".json")
+    )
+    if not names:
+        return {}
+    try:
+        with fs.open_input_stream(f"{experiment}/{names[-1]}") as f:
+            state = json.loads(f.read())
+        latest = {}
+        for trial_state, run_metadata in state["trial_data"]:
+            trial_id = json.loads(trial_state)["trial_id"]
+            last = json.loads(run_metadata).get("last_result") or {}
+            latest[trial_id] = last.get("checkpoint_dir_name")
+        return latest
+    except (OSError, ValueError, KeyError, TypeError):  # mid-upload, or Tune changed format
+        return {}
 
 
 @dataclass
 class _TrialCheckpoints:
-    """One trial's checkpoints, oldest first, and the newest one each recent snapshot named."""
+    """One trial's checkpoints this driver knows of, oldest first, up to its latest; and,
+    at the end, folders above the latest that a driver killed earlier left behind."""
 
     held: list[Any] = field(default_factory=list)
-    named: deque[str] = field(default_factory=deque)
-    finished: bool = False
-    snapshot_after_finish: bool = False
+    orphans: list[Any] = field(default_factory=list)
 
 
 class CheckpointRetention(tune.Callback):
-    """Keeps the newest ``keep`` checkpoints per trial, plus any a recent snapshot names."""
+    """Keeps each trial's newest ``keep`` checkpoints and every one a resume may still need."""
 
-    def __init__(self, keep: int = 2, snapshots: int = 2) -> None:
-        if keep < 1 or snapshots < 1:
-            raise ValueError("keep and snapshots must be at least 1")
+    def __init__(self, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
         self.keep = keep
-        self.snapshots = snapshots
         self._trials: dict[str, _TrialCheckpoints] = {}
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info):
@@ -48,35 +86,54 @@ class CheckpointRetention(tune.Callback):
             record.held.extend(reversed(older_checkpoints(checkpoint)))
         record.held.append(checkpoint)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info):
-        if trial.trial_id in self._trials:
-            self._trials[trial.trial_id].finished = True
-
     def get_state(self) -> None:
-        """Called while Tune writes a snapshot: the snapshot names each trial's newest."""
-        for record in self._trials.values():
-            if not record.held:
-                continue
-            record.named.append(record.held[-1].path)
-            while len(record.named) > self.snapshots + 1:
-                record.named.popleft()
-            paths = [c.path for c in record.held]
-            protected = [paths.index(p) for p in record.named if p in paths]
-            first_kept = min([len(paths) - self.keep, *protected])
-            self._delete(record, first_kept)
-            if record.finished:
-                record.snapshot_after_finish = True
+        """Called while Tune writes a snapshot: prune against the one already on storage."""
+        self._prune()
         return None
 
     def on_experiment_end(self, trials: list, **info):
-        """Tune's final snapshot is on storage now: finished trials keep only the newest."""
-        for record in self._trials.values():
-            if record.snapshot_after_finish:
-                self._delete(record, len(record.held) - self.keep)
+        """Tune has uploaded its final snapshot (when it could): prune every trial, also
+        those that finished under an earlier driver and those a restore left extra
+        checkpoints for."""
+        for trial in trials:
+            latest = getattr(trial, "checkpoint", None)
+            if latest is None:
+                continue
+            name = PurePosixPath(latest.path).name
+            siblings = sibling_checkpoints(latest)
+            older = [c for c in siblings if PurePosixPath(c.path).name < name]
+            newer = [c for c in siblings if PurePosixPath(c.path).name > name]
+            self._trials[trial.trial_id] = _TrialCheckpoints([*older, latest], newer)
+        self._prune()
+
+    def _prune(self) -> None:
+        candidates = [r for r in self._trials.values() if len(r.held) > self.keep or r.orphans]
+        if not candidates:
+            return
+        first = candidates[0].held[-1]
+        experiment = str(PurePosixPath(first.path).parent.parent)
+        stored = stored_latest_checkpoints(first.filesystem, experiment)
+        for trial_id, record in self._trials.items():
+            names = [PurePosixPath(c.path).name for c in record.held]
+            named = stored.get(trial_id)
+            if named not in names:
+                continue  # no stored snapshot names one of these: keep them all
+            if named == names[-1]:  # a resume restores the latest: the rest is unreachable
+                record.orphans = self._delete(record.orphans)
+            first_kept = min(names.index(named), len(names) - self.keep)
+            if first_kept > 0:
+                record.held[:first_kept] = self._delete(record.held[:first_kept])
 
     @staticmethod
-    def _delete(record: _TrialCheckpoints, first_kept: int) -> None:
-        for checkpoint in record.held[: max(first_kept, 0)]:
-            with contextlib.suppress(FileNotFoundError):
+    def _delete(checkpoints: list[Any]) -> list[Any]:
+        """Delete these checkpoint folders; return those that failed (retried next time)."""
+        remaining = []
+        for checkpoint in checkpoints:
+            try:
                 checkpoint.filesystem.delete_dir(checkpoint.path)
-        del record.held[: max(first_kept, 0)]
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                print(f"hessweep: could not delete {checkpoint.path}: {err}", file=sys.stderr)
+                remaining.append(checkpoint)
+        return remaining

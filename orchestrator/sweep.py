@@ -31,7 +31,8 @@ def storage_path(storage: str) -> str:
 
 def quiet_tune() -> None:
     """Use the classic progress table (the new output ignores reporters) and drop the
-    snapshot-frequency warning that every per-epoch checkpoint of a short epoch triggers."""
+    snapshot-frequency warning that Tune's forced snapshots raise on short epochs (sweeps
+    started before checkpoint retention moved to ``CheckpointRetention`` still force them)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 

@@ -17,8 +17,8 @@ import torch
 from trainables.checkpoint import CheckpointError, load_checkpoint
 
 
-def older_checkpoints(checkpoint: Any) -> list[Any]:
-    """Tune's sibling ``checkpoint_*`` folders older than ``checkpoint``, newest first."""
+def sibling_checkpoints(checkpoint: Any) -> list[Any]:
+    """Every ``checkpoint_*`` folder beside ``checkpoint`` (itself included), oldest first."""
     from ray.tune import Checkpoint
 
     path = PurePosixPath(checkpoint.path)
@@ -26,13 +26,20 @@ def older_checkpoints(checkpoint: Any) -> list[Any]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(str(path.parent)))
     except OSError:
-        return []
+        return [checkpoint]
     names = sorted(
-        (PurePosixPath(i.path).name for i in infos if i.type == pafs.FileType.Directory),
-        reverse=True,
+        n
+        for n in (PurePosixPath(i.path).name for i in infos if i.type == pafs.FileType.Directory)
+        if n.startswith("checkpoint_")
     )
-    older = [n for n in names if n.startswith("checkpoint_") and n < path.name]
-    return [Checkpoint(path=str(path.parent / n), filesystem=fs) for n in older]
+    return [Checkpoint(path=str(path.parent / n), filesystem=fs) for n in names]
+
+
+def older_checkpoints(checkpoint: Any) -> list[Any]:
+    """Tune's sibling ``checkpoint_*`` folders older than ``checkpoint``, newest first."""
+    name = PurePosixPath(checkpoint.path).name
+    older = [c for c in sibling_checkpoints(checkpoint) if PurePosixPath(c.path).name < name]
+    return older[::-1]
 
 
 def load_tune_checkpoint(

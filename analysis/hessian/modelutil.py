@@ -27,33 +27,70 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 _PRECISION_LOCK = threading.Lock()
 _precision_users = 0
-_saved_precision: list[tuple[object, str, object]] = []
+_restore_precision: list[Callable[[], None]] = []
 
 
-def _tf32_switches() -> list[tuple[object, str]]:
-    """The (object, attribute) pairs that let CUDA float32 matmuls and convolutions use TF32."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9: per-op API
-        return [(conv, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
-    return [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
+def _per_op_precision() -> list[tuple[object, str]]:
+    """torch >= 2.9's per-operation TF32 switches (cuDNN conv and RNN, cuBLAS matmul)."""
+    found = []
+    for owner in (
+        getattr(torch.backends.cudnn, "conv", None),
+        getattr(torch.backends.cudnn, "rnn", None),
+        torch.backends.cuda.matmul,
+    ):
+        if owner is not None and hasattr(owner, "fp32_precision"):
+            found.append((owner, "fp32_precision"))
+    return found
+
+
+def _switch_tf32_off() -> Callable[[], None]:
+    """Turn TF32 off for CUDA convolutions, RNNs and matmuls; return what restores the flags.
+
+    The legacy switches are used when they can be read (then the flags stay readable both
+    ways inside, as torch.backends.cudnn.flags() needs); after a caller set the per-op API
+    (the legacy getters raise then) that API is used. Either way the per-op values are put
+    back exactly.
+    """
+    per_op = [(owner, name, getattr(owner, name)) for owner, name in _per_op_precision()]
+    try:
+        cudnn_tf32 = torch.backends.cudnn.allow_tf32
+        matmul_precision = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the per-op API was used: the legacy getters refuse
+        for owner, name, _ in per_op:
+            setattr(owner, name, "ieee")
+
+        def restore() -> None:
+            for owner, name, value in per_op:
+                setattr(owner, name, value)
+
+        return restore
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    def restore_legacy() -> None:
+        torch.set_float32_matmul_precision(matmul_precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        for owner, name, value in per_op:
+            if getattr(owner, name) != value:
+                setattr(owner, name, value)
+
+    return restore_legacy
 
 
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
-    """Keep CUDA float32 matmuls and convolutions in IEEE float32 (no TF32) for the block.
+    """Keep CUDA float32 convolutions, RNNs and matmuls in IEEE float32 (no TF32).
 
-    cuDNN may pick TF32 kernels for large float32 convolutions by default: on an H200 that
+    cuDNN picks TF32 kernels for large float32 convolutions by default: on an H200 that
     made a CIFAR-sized CNN's Hessian-vector products 30x less accurate (1.3e-2 relative
-    error instead of 4e-4). Nested and concurrent uses share one switch; the flags are
-    restored exactly when the last user leaves.
+    error instead of 4e-4). The flags are process-wide: nested and concurrent uses share one
+    switch, restored when the last user leaves (a thread that changes the flags meanwhile
+    is overwritten then).
     """
     global _precision_users
     with _PRECISION_LOCK:
         if _precision_users == 0:
-            switches = _tf32_switches()
-            _saved_precision[:] = [(obj, name, getattr(obj, name)) for obj, name in switches]
-            for obj, name in switches:
-                setattr(obj, name, "ieee" if name == "fp32_precision" else False)
+            _restore_precision[:] = [_switch_tf32_off()]
         _precision_users += 1
     try:
         yield
@@ -61,9 +98,7 @@ def exact_float32() -> Iterator[None]:
         with _PRECISION_LOCK:
             _precision_users -= 1
             if _precision_users == 0:
-                for obj, name, value in _saved_precision:
-                    setattr(obj, name, value)
-                _saved_precision.clear()
+                _restore_precision.pop()()
 
 
 def mean_loss(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

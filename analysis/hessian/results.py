@@ -14,7 +14,8 @@ class EigenResult:
     ``residuals[i]`` is the true norm ``||A x_i - lambda_i x_i||`` (unit ``x_i``), measured
     after the solver stopped (Lanczos forms ``A x_i`` from the products it kept, power
     iteration with one more product); ``converged`` is whether every pair met the
-    stopping rule. The tensors are on the CPU whatever device the operator ran on.
+    stopping rule. Eigenvalues and residuals are float64 on the CPU; eigenvectors stay on
+    the operator's device, in its dtype.
     """
 
     eigenvalues: torch.Tensor

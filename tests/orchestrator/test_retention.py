@@ -1,83 +1,167 @@
-"""Old checkpoints are deleted only once no recent experiment snapshot can name them."""
+"""Old checkpoints are deleted only below the one the snapshot on storage names."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 import pytest
+from ray import tune
 from ray.tune import Checkpoint
 
-from orchestrator.retention import CheckpointRetention
+from orchestrator.retention import CheckpointRetention, stored_latest_checkpoints
 
 TRIAL = SimpleNamespace(trial_id="t0")
 
 
-def _checkpoint(root: Path, index: int) -> Checkpoint:
-    folder = root / f"checkpoint_{index:06d}"
+def _checkpoint(trial_dir: Path, index: int) -> Checkpoint:
+    folder = trial_dir / f"checkpoint_{index:06d}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "state.pt").write_bytes(b"x")
+    (folder / "checkpoint.pt").write_bytes(b"x")
     return Checkpoint(path=str(folder), filesystem=pafs.LocalFileSystem())
 
 
-def _on_disk(root: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[1]) for p in root.glob("checkpoint_*"))
+def _store_snapshot(experiment: Path, named: dict[str, int | None], stamp: str = "1") -> None:
+    """A snapshot in Tune's format: each trial's last result names its checkpoint."""
+    trial_data = [
+        [
+            json.dumps({"trial_id": trial_id}),
+            json.dumps(
+                {
+                    "last_result": {
+                        "checkpoint_dir_name": None if i is None else f"checkpoint_{i:06d}"
+                    }
+                }
+            ),
+        ]
+        for trial_id, i in named.items()
+    ]
+    (experiment / f"experiment_state-2026-11-27_00-00-0{stamp}.json").write_text(
+        json.dumps({"trial_data": trial_data})
+    )
 
 
-def test_checkpoint_named_by_a_stale_snapshot_survives_newer_checkpoints(tmp_path):
-    """The failure Tune's num_to_keep=2 caused: a snapshot names c1, c2 and c3 arrive."""
-    retention = CheckpointRetention(keep=2, snapshots=2)
-    for i in range(2):
-        retention.on_checkpoint(i, [], TRIAL, _checkpoint(tmp_path, i))
-    retention.get_state()  # snapshot names checkpoint 1
-    for i in range(2, 4):
-        retention.on_checkpoint(i, [], TRIAL, _checkpoint(tmp_path, i))
-    assert _on_disk(tmp_path) == [0, 1, 2, 3]
-    retention.get_state()  # names 3; the one before still names 1
-    assert _on_disk(tmp_path) == [1, 2, 3]
+def _on_disk(trial_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in trial_dir.glob("checkpoint_*"))
 
 
-@pytest.mark.parametrize("per_snapshot", [[1, 3, 0, 5, 2, 1, 4, 0, 0, 2], [6, 1, 1, 1, 7, 2]])
-def test_every_checkpoint_a_recent_snapshot_names_is_kept_and_the_rest_go(tmp_path, per_snapshot):
-    retention = CheckpointRetention(keep=2, snapshots=2)
-    named: list[int] = []
-    index = 0
-    for count in per_snapshot:
-        for _ in range(count):
-            retention.on_checkpoint(index, [], TRIAL, _checkpoint(tmp_path, index))
-            index += 1
-        if index:
-            named.append(index - 1)
-        retention.get_state()
-        on_disk = _on_disk(tmp_path)
-        oldest_needed = min([index - 2, *named[-3:]])
-        assert on_disk == list(range(max(oldest_needed, 0), index)), (named, on_disk)
+@pytest.fixture
+def trial_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "experiment" / "trial_t0"
+    folder.mkdir(parents=True)
+    return folder
 
 
-def test_a_restored_driver_adopts_the_checkpoints_left_before_the_kill(tmp_path):
-    for i in range(5):
-        _checkpoint(tmp_path, i)
-    retention = CheckpointRetention(keep=2, snapshots=1)
-    retention.on_checkpoint(5, [], TRIAL, _checkpoint(tmp_path, 5))
-    retention.get_state()
-    retention.get_state()
-    assert _on_disk(tmp_path) == [4, 5]
-
-
-def test_finished_trials_keep_only_the_newest_after_the_final_snapshot(tmp_path):
-    retention = CheckpointRetention(keep=2, snapshots=2)
+def test_checkpoint_named_by_a_stale_stored_snapshot_survives(trial_dir):
+    """The failure Tune's num_to_keep=2 caused: storage names c1 while c2..c5 arrive."""
+    experiment = trial_dir.parent
+    retention = CheckpointRetention(keep=2)
+    _store_snapshot(experiment, {"t0": 1})
     for i in range(6):
-        retention.on_checkpoint(i, [], TRIAL, _checkpoint(tmp_path, i))
+        retention.on_checkpoint(i, [], TRIAL, _checkpoint(trial_dir, i))
         retention.get_state()
-    retention.on_trial_complete(6, [], TRIAL)
-    retention.on_experiment_end([])
-    assert _on_disk(tmp_path) == [3, 4, 5], "no snapshot after the trial finished yet"
+    assert _on_disk(trial_dir) == [1, 2, 3, 4, 5]
+    _store_snapshot(experiment, {"t0": 5}, stamp="2")  # a newer upload lands
     retention.get_state()
+    assert _on_disk(trial_dir) == [4, 5]
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [None, {"other": 3}, {"t0": None}, "garbage"],
+    ids=["no snapshot", "trial not in it", "no checkpoint named", "unreadable"],
+)
+def test_nothing_is_deleted_when_the_stored_snapshot_names_none_of_them(trial_dir, stored):
+    experiment = trial_dir.parent
+    if stored == "garbage":
+        (experiment / "experiment_state-2026-11-27_00-00-01.json").write_text('{"trial_da')
+    elif stored is not None:
+        _store_snapshot(experiment, stored)
+    retention = CheckpointRetention(keep=2)
+    for i in range(5):
+        retention.on_checkpoint(i, [], TRIAL, _checkpoint(trial_dir, i))
+        retention.get_state()
     retention.on_experiment_end([])
-    assert _on_disk(tmp_path) == [4, 5]
+    assert _on_disk(trial_dir) == [0, 1, 2, 3, 4]
+
+
+def test_a_restored_driver_adopts_the_checkpoints_left_before_the_kill(trial_dir):
+    for i in range(5):
+        _checkpoint(trial_dir, i)
+    _store_snapshot(trial_dir.parent, {"t0": 5})
+    retention = CheckpointRetention(keep=2)
+    retention.on_checkpoint(5, [], TRIAL, _checkpoint(trial_dir, 5))
+    retention.get_state()
+    assert _on_disk(trial_dir) == [4, 5]
+
+
+def test_the_end_prunes_trials_finished_under_an_earlier_driver_and_orphans(trial_dir):
+    """A trial this driver never saw checkpoint, with folders above its latest (written
+    after the last snapshot an earlier, killed driver uploaded)."""
+    for i in range(7):
+        _checkpoint(trial_dir, i)
+    finished = SimpleNamespace(trial_id="t0", checkpoint=_checkpoint(trial_dir, 3))
+    retention = CheckpointRetention(keep=2)
+    _store_snapshot(trial_dir.parent, {"t0": 1})
+    retention.on_experiment_end([finished])
+    assert _on_disk(trial_dir) == [1, 2, 3, 4, 5, 6], "storage still names checkpoint 1"
+    _store_snapshot(trial_dir.parent, {"t0": 3}, stamp="2")
+    retention.on_experiment_end([finished])
+    assert _on_disk(trial_dir) == [2, 3]
+
+
+def test_a_failed_delete_is_reported_and_retried(trial_dir, capsys):
+    _store_snapshot(trial_dir.parent, {"t0": 3})
+    flaky = _FlakyFS()
+    retention = CheckpointRetention(keep=1)
+    for i in range(4):
+        c = _checkpoint(trial_dir, i)
+        retention.on_checkpoint(i, [], TRIAL, SimpleNamespace(path=c.path, filesystem=flaky))
+    retention.get_state()
+    assert _on_disk(trial_dir) == [0, 3] and "could not delete" in capsys.readouterr().err
+    retention.get_state()
+    assert _on_disk(trial_dir) == [3]
+
+
+class _FlakyFS:
+    """The local file system, whose first delete_dir fails like a throttled object store."""
+
+    def __init__(self) -> None:
+        self.local = pafs.LocalFileSystem()
+        self.failed = False
+
+    def delete_dir(self, path: str) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError("SlowDown: please reduce your request rate")
+        self.local.delete_dir(path)
+
+    def __getattr__(self, name: str):
+        return getattr(self.local, name)
 
 
 def test_keep_must_be_positive():
     with pytest.raises(ValueError, match="keep"):
         CheckpointRetention(keep=0)
+
+
+def test_tunes_own_snapshot_is_read(ray_session, tmp_path):
+    """Pins the private snapshot format: the last result names the latest checkpoint."""
+
+    def trainable(config):
+        for i in range(3):
+            folder = tmp_path / f"ck{i}"
+            folder.mkdir()
+            (folder / "x").write_text(str(i))
+            tune.report({"i": i}, checkpoint=Checkpoint.from_directory(str(folder)))
+
+    tuner = tune.Tuner(
+        trainable,
+        run_config=tune.RunConfig(name="fmt", storage_path=str(tmp_path / "ray"), verbose=0),
+    )
+    result = tuner.fit()[0]
+    stored = stored_latest_checkpoints(pafs.LocalFileSystem(), str(tmp_path / "ray" / "fmt"))
+    assert list(stored.values()) == [Path(result.checkpoint.path).name]
+    assert Path(result.checkpoint.path).name == "checkpoint_000002"
