@@ -15,6 +15,7 @@ from analysis.hessian import (
     lanczos,
     slq_density,
 )
+from benchmarks.hessian_setups import cifar_cnn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -50,16 +51,22 @@ def test_kept_graphs_on_cuda_give_the_fresh_products(cnn_problem):
         assert torch.allclose(out, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_trace_and_density_on_cuda(cnn_problem):
+def test_trace_and_density_on_cuda_reproduce_the_cpu_run(cnn_problem):
+    """Probes are drawn on the CPU, so a seed means the same run on either device."""
     model, x, y, dense = cnn_problem
     m, xc, yc = _on_cuda(model, x, y)
-    op = WeightHessian(m, CE, [(xc, yc)])
-    tr = hutchinson_trace(op, rtol=5e-2, max_probes=400, seed=0)
-    assert tr.converged
-    assert abs(tr.estimate - float(dense.trace())) < 4 * tr.stderr
-    dens = slq_density(op, n_probes=3, steps=30, seed=0)
-    assert dens.moment(1) == pytest.approx(float(dense.trace()) / dense.shape[0], rel=0.5)
-    area = torch.trapezoid(dens.density.cpu(), dens.grid.cpu())
+    gpu = WeightHessian(m, CE, [(xc, yc)])
+    cpu = WeightHessian(model, CE, [(x, y)])
+    tr_gpu = hutchinson_trace(gpu, rtol=5e-2, max_probes=400, seed=0)
+    tr_cpu = hutchinson_trace(cpu, rtol=5e-2, max_probes=400, seed=0)
+    assert tr_gpu.converged and tr_gpu.n_probes == tr_cpu.n_probes
+    assert tr_gpu.estimate == pytest.approx(tr_cpu.estimate, rel=1e-9)
+    assert abs(tr_gpu.estimate - float(dense.trace())) < 4 * tr_gpu.stderr
+    d_gpu = slq_density(gpu, n_probes=3, steps=30, seed=0)
+    d_cpu = slq_density(cpu, n_probes=3, steps=30, seed=0)
+    assert torch.allclose(d_gpu.nodes.cpu(), d_cpu.nodes, rtol=1e-7, atol=1e-9)
+    assert torch.allclose(d_gpu.weights.cpu(), d_cpu.weights, rtol=1e-6, atol=1e-9)
+    area = torch.trapezoid(d_gpu.density.cpu(), d_gpu.grid.cpu())
     assert float(area) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -74,17 +81,7 @@ def test_input_hessians_on_cuda_match_cpu(cnn_problem):
 def test_large_convolutions_on_cuda_keep_float32_accuracy():
     """cuDNN's TF32 kernels (on by default) made these products 1.3e-2 off on an H200."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 32, 4, stride=4),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(1024, 512),
-        nn.ReLU(),
-        nn.Linear(512, 10),
-    ).cuda()
+    model = cifar_cnn().cuda()  # the benchmark's setting (b)
     x = torch.randn(2048, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (2048,), device="cuda")
     flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
