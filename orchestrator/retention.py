@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from ray import tune
 
-from trainables.tune_checkpoint import older_checkpoints, sibling_checkpoints
+from trainables.tune_checkpoint import sibling_checkpoints
 
 SNAPSHOT_PREFIX = "experiment_state-"
 
@@ -60,6 +60,13 @@ def stored_latest_checkpoints(fs: pafs.FileSystem, experiment: str) -> dict[str,
         return {}
 
 
+def _around(checkpoint: Any) -> tuple[list[Any], list[Any]]:
+    """The ``checkpoint_*`` folders beside ``checkpoint`` older and newer than it, oldest first."""
+    name = PurePosixPath(checkpoint.path).name
+    siblings = [(PurePosixPath(c.path).name, c) for c in sibling_checkpoints(checkpoint)]
+    return [c for n, c in siblings if n < name], [c for n, c in siblings if n > name]
+
+
 @dataclass
 class _TrialCheckpoints:
     """One trial's checkpoints this driver knows of, oldest first, up to its latest; and,
@@ -83,7 +90,7 @@ class CheckpointRetention(tune.Callback):
         if record is None:
             # First checkpoint seen by this driver: adopt what an earlier driver left behind.
             record = self._trials[trial.trial_id] = _TrialCheckpoints()
-            record.held.extend(reversed(older_checkpoints(checkpoint)))
+            record.held.extend(_around(checkpoint)[0])
         record.held.append(checkpoint)
 
     def get_state(self) -> None:
@@ -99,10 +106,7 @@ class CheckpointRetention(tune.Callback):
             latest = getattr(trial, "checkpoint", None)
             if latest is None:
                 continue
-            name = PurePosixPath(latest.path).name
-            siblings = sibling_checkpoints(latest)
-            older = [c for c in siblings if PurePosixPath(c.path).name < name]
-            newer = [c for c in siblings if PurePosixPath(c.path).name > name]
+            older, newer = _around(latest)
             self._trials[trial.trial_id] = _TrialCheckpoints([*older, latest], newer)
         self._prune()
 
