@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from analysis.hessian.krylov import KrylovBasis
 from analysis.hessian.lanczos import krylov_dtype, lanczos_step, random_unit_rows, tridiagonal
 from analysis.hessian.protocol import LinearOperator, SingleAsBatch, check_operator, operator_device
 from analysis.hessian.results import DensityResult
@@ -20,8 +21,8 @@ def _quadrature(
     d = bop.size
     rows = torch.zeros(1, dtype=torch.long)
     work = krylov_dtype(torch.device(bop.device))
-    basis = torch.zeros(1, steps, d, dtype=work, device=bop.device)
-    basis[:, 0] = random_unit_rows(gen, 1, d, work, bop.device)
+    basis = KrylovBasis(1, d, work, torch.device(bop.device))
+    basis.append(random_unit_rows(gen, 1, d, work, bop.device))
     alpha = torch.zeros(1, steps, dtype=torch.float64)
     beta = torch.zeros(1, steps, dtype=torch.float64)
     m = steps
@@ -32,7 +33,7 @@ def _quadrature(
             m = j + 1
             break
         beta[:, j] = bnorm.double().cpu()
-        basis[:, j + 1] = w / bnorm[:, None]
+        basis.append(w / bnorm[:, None])
     theta, vecs = torch.linalg.eigh(tridiagonal(alpha[:, :m], beta[:, : m - 1]))
     return theta[0], vecs[0, 0, :].square(), m
 

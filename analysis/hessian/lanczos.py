@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from analysis.hessian.krylov import KrylovBasis
 from analysis.hessian.protocol import (
     BatchedOperator,
     LinearOperator,
@@ -23,7 +24,6 @@ from analysis.hessian.results import EigenResult
 
 WHICH = ("largest", "smallest", "both")
 CRITERIA = ("residual", "eigenvalue")
-DGKS_ETA = 0.5**0.5
 
 
 class ConvergenceWarning(UserWarning):
@@ -78,30 +78,6 @@ def _wanted_columns(m: int, k: int, which: str) -> torch.Tensor:
     return torch.tensor(cols, dtype=torch.long)
 
 
-def _project_out(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    coeffs = torch.einsum("bmd,bd->bm", basis, w)
-    return w - torch.einsum("bm,bmd->bd", coeffs, basis)
-
-
-def _orthogonalise(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Remove from each row of ``w`` its components along that row's basis.
-
-    Classical Gram-Schmidt with the DGKS test: a row is projected a second time only when
-    the first pass shrank it below 1/sqrt(2) of its norm (where cancellation can leave
-    round-off along the basis); "twice is enough" for those, once for the rest.
-    """
-    before = w.norm(dim=1)
-    w = _project_out(w, basis)
-    again = w.norm(dim=1) < DGKS_ETA * before
-    if bool(again.all()):
-        return _project_out(w, basis)
-    if bool(again.any()):
-        r = again.nonzero()[:, 0]
-        w = w.clone()
-        w[r] = _project_out(w[r], basis[r])
-    return w
-
-
 def _block_rule(
     theta: torch.Tensor,
     vecs: torch.Tensor,
@@ -138,15 +114,15 @@ def _block_rule(
 def lanczos_step(
     bop: BatchedOperator,
     rows: torch.Tensor,
-    basis: torch.Tensor,
+    basis: KrylovBasis,
     alpha: torch.Tensor,
     beta: torch.Tensor,
     j: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One three-term step from ``basis[:, j]``: fills ``alpha[:, j]``, returns the fully
-    re-orthogonalised next direction (in the basis' precision), its norm (the next
+    """One three-term step from the basis' last column ``j``: fills ``alpha[:, j]``, returns
+    the fully re-orthogonalised next direction (in the basis' precision), its norm (the next
     ``beta``) and the product itself."""
-    q = basis[:, j]
+    q = basis.column(j)
     product = bop.matvec(q.to(bop.dtype), rows).reshape(q.shape)
     # The recurrence cancels most of H q (H q ~ alpha q once a Ritz pair converges), so
     # it runs in the basis' precision (float64 by default) whatever the operator's.
@@ -154,8 +130,8 @@ def lanczos_step(
     a = (q * w).sum(dim=1)
     w = w - a[:, None] * q
     if j > 0:
-        w = w - beta[:, j - 1].to(dtype=q.dtype, device=q.device)[:, None] * basis[:, j - 1]
-    w = _orthogonalise(w, basis[:, : j + 1])
+        w = w - beta[:, j - 1].to(dtype=q.dtype, device=q.device)[:, None] * basis.column(j - 1)
+    w = basis.orthogonalise(w)
     alpha[:, j] = a.double().cpu()
     return w, w.norm(dim=1), product
 
@@ -228,12 +204,11 @@ def batched_lanczos(
     kk = len(_wanted_columns(d, k, which))
 
     rows = torch.arange(b)
-    # The basis grows geometrically (by half: at most a third of it is spare) and is never
-    # zero-filled: only its first m columns are ever read. With many rows (per-sample input
-    # Hessians) it is the largest buffer.
-    basis = torch.empty(b, min(m_max, 16), d, dtype=work, device=device)
-    basis[:, 0] = random_unit_rows(gen, b, d, work, device)
-    products = torch.empty(basis.shape, dtype=dtype, device=device) if keep_products else None
+    # With many rows (per-sample input Hessians) or a large model the basis is the largest
+    # buffer: it grows a block at a time, never copied.
+    basis = KrylovBasis(b, d, work, device)
+    basis.append(random_unit_rows(gen, b, d, work, device))
+    products = KrylovBasis(b, d, dtype, device) if keep_products else None
     alpha = torch.zeros(b, m_max, dtype=torch.float64)
     beta = torch.zeros(b, m_max, dtype=torch.float64)
     block_start = torch.zeros(b, dtype=torch.long)
@@ -249,7 +224,7 @@ def batched_lanczos(
         m = j + 1
         w, bnorm, product = lanczos_step(bop, rows, basis, alpha, beta, j)
         if products is not None:
-            products[:, j] = product
+            products.append(product)
         n_matvecs += 1
 
         theta, vecs = torch.linalg.eigh(tridiagonal(alpha[:, :m], beta[:, : m - 1]))
@@ -280,14 +255,16 @@ def batched_lanczos(
             out_vals[orig] = theta[f][:, sel]
             out_res[orig] = ritz_res[f][:, sel]
             out_conv[orig] = done[f]
-            s = vecs[f][:, :, sel].to(dtype=work, device=device)
-            x = torch.einsum("bmk,bmd->bkd", s, basis[f, :m])
+            s = vecs[f][:, :, sel]
+            x = basis.combine(s, f)
             if out_vecs is not None:
                 out_vecs[orig] = x.to(dtype)
             if products is not None:
-                ax = torch.einsum("bmk,bmd->bkd", s.to(dtype), products[f, :m]).to(work)
-                lam = theta[f][:, sel].to(dtype=work, device=device)
-                out_true[orig] = (ax - lam[:, :, None] * x).norm(dim=2).double().cpu()
+                # A x - theta x = P s - Q (s theta), accumulated in place in the basis'
+                # precision (the result's size is the largest temporary here).
+                resid = products.combine(s, f).to(work)
+                basis.combine(-s * theta[f][:, None, sel], f, out=resid)
+                out_true[orig] = resid.norm(dim=2).double().cpu()
         if last or bool(finish.all()):
             break
 
@@ -295,24 +272,20 @@ def batched_lanczos(
         if len(keep) < len(rows):
             rows, alpha, beta = rows[keep], alpha[keep], beta[keep]
             block_start, w, bn, breakdown = block_start[keep], w[keep], bn[keep], breakdown[keep]
-            basis = _resized(basis, m, basis.shape[1], keep)
+            basis.keep_rows(keep)
             if products is not None:
-                products = _resized(products, m, products.shape[1], keep)
-        if m >= basis.shape[1]:
-            basis = _resized(basis, m, min(m_max, m + max(16, m // 2)))
-            if products is not None:
-                products = _resized(products, m, basis.shape[1])
+                products.keep_rows(keep)
         nxt = w / bnorm_safe(w)
         if breakdown.any():
             r = breakdown.nonzero()[:, 0]
             fresh = random_unit_rows(gen, len(rows), d, work, device)[r]
-            fresh = _orthogonalise(fresh, basis[r, :m])
+            fresh = basis.orthogonalise(fresh, r)
             nxt[r] = fresh / bnorm_safe(fresh)
             bn = bn.clone()
             bn[r] = 0.0
             block_start[r] = m
         beta[:, j] = bn
-        basis[:, m] = nxt
+        basis.append(nxt)
 
     return LanczosOutcome(
         eigenvalues=out_vals,
@@ -323,16 +296,6 @@ def batched_lanczos(
         n_iterations=j + 1,
         true_residuals=out_true,
     )
-
-
-def _resized(
-    basis: torch.Tensor, m: int, capacity: int, keep: torch.Tensor | None = None
-) -> torch.Tensor:
-    """A new basis buffer of ``capacity`` columns holding the first ``m`` (of rows ``keep``)."""
-    rows = basis.shape[0] if keep is None else len(keep)
-    out = torch.empty(rows, capacity, basis.shape[2], dtype=basis.dtype, device=basis.device)
-    out[:, :m] = basis[:, :m] if keep is None else basis[keep.to(basis.device), :m]
-    return out
 
 
 def bnorm_safe(w: torch.Tensor) -> torch.Tensor:

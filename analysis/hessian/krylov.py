@@ -1,0 +1,113 @@
+"""A Krylov basis stored in fixed blocks of columns, so it grows without ever being copied.
+
+One contiguous buffer that grows geometrically holds the old and the new copy at once while
+it grows (measured: 0.9 GiB peak for top-10 of a 550k-parameter CNN, most of it that
+copy); blocks cost one block of spare columns at most and no copy. Every row (an
+independent recurrence) has the same number of columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK_COLUMNS = 8
+DGKS_ETA = 0.5**0.5
+
+
+class KrylovBasis:
+    """Columns ``0..m-1`` of ``rows`` bases of vectors of length ``size``, in blocks."""
+
+    def __init__(
+        self,
+        rows: int,
+        size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        block: int = BLOCK_COLUMNS,
+    ) -> None:
+        self.rows, self.size, self.dtype, self.device = rows, size, dtype, device
+        self.block = block
+        self.blocks: list[torch.Tensor] = []
+        self.m = 0
+
+    def append(self, columns: torch.Tensor) -> None:
+        """Add one column to every row (``columns`` is ``rows x size``)."""
+        slot = self.m % self.block
+        if slot == 0:
+            self.blocks.append(
+                torch.empty(self.rows, self.block, self.size, dtype=self.dtype, device=self.device)
+            )
+        self.blocks[-1][:, slot] = columns
+        self.m += 1
+
+    def column(self, j: int) -> torch.Tensor:
+        """Column ``j`` of every row (a view)."""
+        return self.blocks[j // self.block][:, j % self.block]
+
+    def _part(self, i: int, rows: torch.Tensor | None) -> torch.Tensor:
+        """The filled columns of block ``i``, of the selected rows (a copy only for a subset)."""
+        part = self.blocks[i][:, : min(self.block, self.m - i * self.block)]
+        if rows is None or _is_all(rows, self.rows):
+            return part
+        return part[rows.to(self.device)]
+
+    def project_out(self, w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``w`` minus its components along every column (classical Gram-Schmidt, one pass).
+
+        ``rows`` selects which rows' bases ``w`` (one row per selected basis) is held against.
+        """
+        parts = [self._part(i, rows) for i in range(len(self.blocks))]
+        coeffs = [torch.einsum("bmd,bd->bm", part, w) for part in parts]
+        for part, c in zip(parts, coeffs, strict=True):
+            w = w - torch.einsum("bm,bmd->bd", c, part)
+        return w
+
+    def orthogonalise(self, w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Remove from each row of ``w`` its components along that row's basis.
+
+        Classical Gram-Schmidt with the DGKS test: a row is projected a second time only when
+        the first pass shrank it below 1/sqrt(2) of its norm (where cancellation can leave
+        round-off along the basis); "twice is enough" for those, once for the rest.
+        """
+        before = w.norm(dim=1)
+        w = self.project_out(w, rows)
+        again = w.norm(dim=1) < DGKS_ETA * before
+        if bool(again.all()):
+            return self.project_out(w, rows)
+        if bool(again.any()):
+            r = again.nonzero()[:, 0].cpu()
+            sub = r if rows is None else rows[r]
+            w = w.clone()
+            w[r.to(w.device)] = self.project_out(w[r.to(w.device)], sub)
+        return w
+
+    def combine(
+        self, coeffs: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``sum_j coeffs[b, j, i] * column_j`` of each selected row: ``len(rows) x k x size``.
+
+        ``coeffs`` (``len(rows) x m x k``) is cast to the basis' dtype and device. With
+        ``out`` (of the basis' dtype) the sum is added to it in place: no temporaries the
+        size of the result.
+        """
+        coeffs = coeffs.to(dtype=self.dtype, device=self.device)
+        if out is None:
+            shape = (coeffs.shape[0], coeffs.shape[2], self.size)
+            out = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i in range(len(self.blocks)):
+            part = self._part(i, rows)
+            c = coeffs[:, i * self.block : i * self.block + part.shape[1]]
+            out.baddbmm_(c.transpose(1, 2), part)
+        return out
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop every row not in ``rows`` (one block copied at a time)."""
+        idx = rows.to(self.device)
+        for i, blk in enumerate(self.blocks):
+            self.blocks[i] = blk[idx]
+        self.rows = len(rows)
+
+
+def _is_all(rows: torch.Tensor, n: int) -> bool:
+    """Whether ``rows`` is ``0..n-1`` in order (indexing would only copy)."""
+    return len(rows) == n and bool((rows.cpu() == torch.arange(n)).all())
