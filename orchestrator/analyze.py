@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from orchestrator.errors import UserInputError
 from orchestrator.phase import HessianPhase
 from orchestrator.spec import Experiment
+from orchestrator.storage import exists, join, read_text
 from orchestrator.tracking import CHECKPOINT, PARENT, SWEEP_DIR, connect, resolve_tracking_uri
 
 
@@ -27,13 +27,13 @@ def analyze_run(run_id: str, tracking_uri: str | None = None, address: str | Non
             "give the id of a trial's child run"
         )
     ckpt = tags[CHECKPOINT]
-    if not Path(ckpt).exists():
+    if not exists(ckpt):
         raise UserInputError(f"the checkpoint of run {run_id} is gone: {ckpt}")
     sweep_dir = client.get_run(tags[PARENT]).data.tags.get(SWEEP_DIR, "")
-    state = Path(sweep_dir) / STATE_FILE
-    if not state.is_file():
+    state = join(sweep_dir, STATE_FILE)
+    if not sweep_dir or not exists(state):
         raise UserInputError(f"the sweep state {state} of run {run_id} is missing")
-    exp = Experiment.from_dict(json.loads(state.read_text())["spec"], source=str(state))
+    exp = Experiment.from_dict(json.loads(read_text(state))["spec"], source=state)
     _init_ray(address)
     phase = HessianPhase(exp, client)
     try:

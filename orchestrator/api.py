@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,14 @@ from orchestrator.phase import HessianPhase
 from orchestrator.redact import redact_text
 from orchestrator.results import build_table, save_table, to_markdown, trial_row
 from orchestrator.spec import Experiment
+from orchestrator.storage import (
+    checkpoint_location,
+    exists,
+    join,
+    read_text,
+    subfolders,
+    write_text,
+)
 from orchestrator.sweep import build_tuner, restore_tuner, select_best, storage_path
 from orchestrator.tracking import (
     ROLE,
@@ -56,24 +65,30 @@ def run_experiment(
 ) -> ExperimentResult:
     """Sweep ``exp`` on Ray Tune, analyse every kept model's Hessian, log it all to MLflow."""
     uri = resolve_tracking_uri(tracking_uri, exp.tracking_uri)
-    client = connect(uri)
     _check_data(exp)
+    client = connect(uri)
+    run_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = join(storage_path(exp.storage), run_name)
+    _write_state(sweep_dir, exp, None, uri)  # storage must take a file before MLflow does
     _init_ray(address)
     exp_id = experiment_id(client, exp.name)
-    run_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep_dir = f"{storage_path(exp.storage).rstrip('/')}/{run_name}"
     parent = client.create_run(
         exp_id, run_name=run_name, tags={ROLE: "sweep", SWEEP_DIR: sweep_dir}
     )
     parent_id = parent.info.run_id
-    client.log_text(parent_id, exp.to_yaml(redacted=True), "spec.yaml")
-    _log_sweep_params(client, parent_id, exp)
-    _write_state(sweep_dir, exp, parent_id, uri)
-    progress(
-        f"sweep {run_name}: {exp.num_cells} cell(s); MLflow run {parent_id} at {redact_text(uri)}"
-    )
-    callback = TrackingCallback(uri, exp_id, parent_id)
-    tuner = build_tuner(exp, run_name, [callback])
+    try:
+        client.log_text(parent_id, exp.to_yaml(redacted=True), "spec.yaml")
+        _log_sweep_params(client, parent_id, exp)
+        _write_state(sweep_dir, exp, parent_id, uri)
+        progress(
+            f"sweep {run_name}: {exp.num_cells} cell(s); MLflow run {parent_id} at "
+            f"{redact_text(uri)}"
+        )
+        callback = TrackingCallback(uri, exp_id, parent_id, sweep_dir)
+        tuner = build_tuner(exp, run_name, [callback])
+    except BaseException:
+        client.set_terminated(parent_id, status="FAILED")
+        raise
     return _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress)
 
 
@@ -84,10 +99,20 @@ def resume_experiment(
     progress: Any = print,
     storage: str = "runs/ray",
 ) -> ExperimentResult:
-    """Finish an interrupted sweep: finished trials are kept, MLflow runs are continued."""
+    """Finish an interrupted sweep: finished trials are kept, MLflow runs are continued.
+
+    ``name_or_dir`` is a sweep folder (local or a URI) or an experiment name, whose newest
+    sweep under ``storage`` is taken.
+    """
     sweep_dir = find_sweep_dir(name_or_dir, storage)
-    state = json.loads((Path(sweep_dir) / STATE_FILE).read_text())
-    exp = Experiment.from_dict(state["spec"], source=f"{sweep_dir}/{STATE_FILE}")
+    state_file = join(sweep_dir, STATE_FILE)
+    state = json.loads(read_text(state_file))
+    if not state.get("parent_run_id"):
+        raise UserInputError(
+            f"{state_file}: this sweep stopped before its MLflow run was created; "
+            "start it again with `hessweep run`"
+        )
+    exp = Experiment.from_dict(state["spec"], source=state_file)
     uri = tracking_uri or state["tracking_uri"]
     client = connect(uri)
     _init_ray(address)
@@ -100,20 +125,27 @@ def resume_experiment(
 
 
 def find_sweep_dir(name_or_dir: str, storage: str = "runs/ray") -> str:
-    """A sweep folder, or the newest sweep of the experiment called ``name_or_dir``."""
-    if (Path(name_or_dir) / STATE_FILE).is_file():
-        return str(Path(name_or_dir).resolve())
-    root = Path(storage)
-    found = sorted(
-        (p for p in root.glob(f"{name_or_dir}-*") if (p / STATE_FILE).is_file()),
-        key=lambda p: p.stat().st_mtime,
-    )
+    """A sweep folder, or the newest sweep of the experiment called ``name_or_dir``.
+
+    Sweeps are named ``NAME-YYYYmmdd-HHMMSS``: only those of exactly this experiment count
+    (``demo`` never picks a sweep of ``demo-big``), the newest by that timestamp.
+    """
+    if exists(join(name_or_dir, STATE_FILE)):
+        return name_or_dir if "://" in name_or_dir else str(Path(name_or_dir).resolve())
+    root = storage_path(storage)
+    pattern = re.compile(rf"{re.escape(name_or_dir)}-\d{{8}}-\d{{6}}")
+    found = [
+        name
+        for name in subfolders(root)
+        if pattern.fullmatch(name) and exists(join(root, name, STATE_FILE))
+    ]
     if not found:
         raise UserInputError(
-            f"no sweep called {name_or_dir!r} under {root}/ (looked for {name_or_dir}-*/"
-            f"{STATE_FILE}); give the experiment name or the sweep folder"
+            f"no sweep called {name_or_dir!r} under {redact_text(root)} (looked for "
+            f"{name_or_dir}-YYYYmmdd-HHMMSS/{STATE_FILE}); give the experiment name, the "
+            "sweep folder, or --storage where the spec's sweeps live"
         )
-    return str(found[-1].resolve())
+    return join(root, max(found))
 
 
 def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) -> ExperimentResult:
@@ -125,9 +157,10 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
 
     def on_complete(trial: Any, run_id: str, trials: list) -> None:
         """Start analysing finished trials as soon as the actors fit beside the rest."""
-        if trial.checkpoint is None:
+        if trial.checkpoint is None or (trial.last_result or {}).get("diverged"):
             return
-        done[trial.trial_id] = (trial.checkpoint.path, run_id, _label(trial.config))
+        location = checkpoint_location(trial.checkpoint.path, sweep_dir)
+        done[trial.trial_id] = (location, run_id, _label(trial.config))
         if not overlap:
             return
         unfinished = sum(
@@ -161,7 +194,8 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
             for tid, config, metrics, ckpt in trials:
                 wanted = tid in kept and ckpt is not None and not metrics.get("diverged")
                 if wanted and not phase.already_done(run_ids[tid]):
-                    phase.submit(tid, ckpt.path, run_ids[tid], _label(config))
+                    location = checkpoint_location(ckpt.path, sweep_dir)
+                    phase.submit(tid, location, run_ids[tid], _label(config))
             phase.wait()
         timings["hessian_s"] = time.perf_counter() - start
         rows = [
@@ -219,8 +253,9 @@ def _room_for_actors(exp: Experiment, unfinished_trials: int) -> bool:
 
 def _check_data(exp: Experiment) -> None:
     """Load the data set once on the driver so a missing one fails before any trial."""
+    root = exp.data_root if exp.data_root is not None else exp.training.get("data_root")
     try:
-        load_dataset(exp.dataset, root=exp.data_root)
+        load_dataset(exp.dataset, root=root)
     except FileNotFoundError as err:
         raise UserInputError(f"dataset {exp.dataset!r}: {err}") from None
 
@@ -249,10 +284,14 @@ def _log_sweep_params(client, parent_id: str, exp: Experiment) -> None:
     log_batch(client, parent_id, params=clean_params(params))
 
 
-def _write_state(sweep_dir: str, exp: Experiment, parent_id: str, uri: str) -> None:
-    if "://" in sweep_dir:
-        return
-    folder = Path(sweep_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+def _write_state(sweep_dir: str, exp: Experiment, parent_id: str | None, uri: str) -> None:
+    """The sweep's spec and MLflow run beside its trials: what ``resume`` restores from."""
     state = {"spec": exp.model_dump(mode="json"), "parent_run_id": parent_id, "tracking_uri": uri}
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+    target = join(sweep_dir, STATE_FILE)
+    try:
+        write_text(target, json.dumps(state, indent=2))
+    except OSError as err:
+        raise UserInputError(
+            f"storage {redact_text(exp.storage)!r}: cannot write {redact_text(target)} "
+            f"({err}); set the spec's storage (or --set storage=...) to a writable folder or URI"
+        ) from None

@@ -1,4 +1,4 @@
-"""The ``hessweep`` command line: run, resume, validate, analyze, ui."""
+"""The ``hessweep`` command line: run, resume, validate, analyze, report, download, ui."""
 
 from __future__ import annotations
 
@@ -62,12 +62,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_storage(name: str) -> str | None:
+    """The storage of the spec called ``name`` in experiments/, if there is one."""
+    from orchestrator.spec import Experiment, resolve_spec
+    from trainables.config import ConfigError
+
+    try:
+        return Experiment.from_yaml(resolve_spec(name)).storage
+    except (UserInputError, ConfigError, OSError):
+        return None
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.api import resume_experiment
 
+    storage = args.storage or _spec_storage(args.name) or "runs/ray"
     start = time.perf_counter()
     result = resume_experiment(
-        args.name, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage
+        args.name, address=args.address, tracking_uri=args.tracking_uri, storage=storage
     )
     _summary(result, time.perf_counter() - start)
     return 0
@@ -112,6 +124,30 @@ def cmd_report(args: argparse.Namespace) -> int:
         for line in f.evidence:
             print(f"       {line}")
     print(f"\nreport: {result.html}\n        {result.markdown}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from trainables.data import (
+        DatasetCorruptError,
+        DatasetNotFoundError,
+        default_root,
+        load_dataset,
+    )
+
+    root = args.root or str(default_root())
+    for name in args.datasets:
+        print(f"{name}: fetching into {root} ...", flush=True)
+        try:
+            data = load_dataset(name, root=root, download=True)
+        except (ValueError, DatasetCorruptError, DatasetNotFoundError) as err:
+            raise UserInputError(f"{name}: {err}") from None
+        except OSError as err:
+            raise UserInputError(
+                f"{name}: download into {root} failed ({err}); check the network, or copy "
+                "the files there by hand"
+            ) from None
+        print(f"{name}: ready ({len(data.train)} train, {len(data.test)} test images)")
     return 0
 
 
@@ -170,8 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="finish an interrupted sweep without re-running done trials")
-    p.add_argument("name", help="experiment name (newest sweep) or a sweep folder under runs/ray")
-    p.add_argument("--storage", default="runs/ray", help="where the sweeps live (default runs/ray)")
+    p.add_argument("name", help="experiment name (its newest sweep) or a sweep folder or URI")
+    p.add_argument(
+        "--storage",
+        help="where the sweeps live (default: the storage of the spec of that name in "
+        "experiments/, else runs/ray)",
+    )
     common(p)
     p.set_defaults(func=cmd_resume)
 
@@ -197,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p, address=False)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "download", help="fetch MNIST/CIFAR once (training never downloads; digits is bundled)"
+    )
+    p.add_argument("datasets", nargs="+", metavar="DATASET", help="mnist, cifar10, cifar100")
+    p.add_argument(
+        "--root", help="data folder (default: $HESSWEEP_DATA, else ~/.cache/hessweep/data)"
+    )
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("ui", help="serve the MLflow UI for the tracking store (127.0.0.1)")
     common(p, address=False)

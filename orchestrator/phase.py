@@ -20,6 +20,7 @@ from orchestrator.artifacts import write_spectrum_files
 from orchestrator.hessian_pool import HessianPool
 from orchestrator.spec import Experiment
 from orchestrator.spectra import HessianSettings, SpectrumReport, analyze_model
+from orchestrator.storage import local_copy
 from orchestrator.tracking import finite_metrics, log_batch
 from trainables.train import load_trained
 
@@ -100,7 +101,8 @@ class HessianPhase:
 
     def _analyse(self, trial_id: str, checkpoint_path: str, run_id: str, label: str) -> None:
         start = time.perf_counter()
-        trained = load_trained(checkpoint_path)
+        with local_copy(checkpoint_path) as local:
+            trained = load_trained(local)
         n = min(self.settings.input_samples, len(trained.test_data))
         test_x, test_y = _first(trained.test_data, n)
         self.progress(f"hessian: {label}: analysing ({trial_id})")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.errors import UserInputError
 from orchestrator.redact import redact
 from trainables.config import ConfigError, TrainConfig, parse_config
+from trainables.train import CURVATURE_KEY, METRIC_KEYS
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 KNOWN_TRAIN_SIZES = {
@@ -38,6 +39,24 @@ SEARCH_KINDS = {
     "grid": None,
 }
 _TRAINING_KEYS = {f for f in TrainConfig.__dataclass_fields__ if f not in TOP_LEVEL_KEYS}
+TRIAL_METRICS = (*METRIC_KEYS, CURVATURE_KEY)  # what every trial reports each epoch
+
+
+def _trial_metric(metric: str) -> str:
+    if metric not in TRIAL_METRICS:
+        raise ValueError(f"not a metric trials report; use one of {', '.join(TRIAL_METRICS)}")
+    return metric
+
+
+def search_values(dist: dict[str, list[Any]]) -> list[Any]:
+    """Values a distribution can take that a spec check must try: every choice, or the ends
+    of a range (``randint``'s upper end is exclusive)."""
+    ((kind, args),) = dist.items()
+    if kind in ("choice", "grid"):
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]
+    return list(args[:2])
 
 
 class _Strict(BaseModel):
@@ -107,7 +126,19 @@ class SearchSpec(_Strict):
                 )
             if kind in ("loguniform", "qloguniform") and min(args[:2]) <= 0:
                 raise ValueError(f"search.space.{key}.{kind}: bounds must be > 0, got {args!r}")
+            if want is not None and not args[0] < args[1]:
+                raise ValueError(
+                    f"search.space.{key}.{kind}: the lower bound must come first and be "
+                    f"below the upper one, got {args!r}"
+                )
+            if kind.startswith("q") and not args[2] > 0:
+                raise ValueError(f"search.space.{key}.{kind}: the step q must be > 0")
         return space
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, metric: str) -> str:
+        return _trial_metric(metric)
 
 
 class SelectSpec(_Strict):
@@ -115,6 +146,11 @@ class SelectSpec(_Strict):
 
     metric: str = "test/acc"
     mode: Literal["min", "max"] = "max"
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, metric: str) -> str:
+        return _trial_metric(metric)
 
 
 class HessianSpec(_Strict):
@@ -208,31 +244,47 @@ class Experiment(_Strict):
 
     @model_validator(mode="after")
     def _check_trials(self) -> Experiment:
-        """Every grid cell must be a valid training config for the trainable."""
-        for config in self.trial_configs():
+        """Every grid cell, and every value of every search key, must be a valid training
+        config for the trainable (a bad one would otherwise fail only inside its trial)."""
+        checks = [("", c) for c in self.trial_configs()] + self._search_variants()
+        for origin, config in checks:
             try:
                 parsed = parse_config(config)
                 size = KNOWN_TRAIN_SIZES.get(self.dataset)
                 if size is not None:
                     parsed.check_data(size)
             except ConfigError as err:
-                raise ValueError(spec_field_message(str(err))) from None
+                message = spec_field_message(str(err))
+                if origin:
+                    key = origin.rsplit(".", 1)[1]
+                    message = message.replace(f"training.{key}:", f"{origin}:")
+                raise ValueError(message) from None
         return self
 
     def trial_configs(self) -> list[dict[str, Any]]:
-        """Each grid cell's training config, with search keys at a representative value."""
+        """Each grid cell's training config, with search keys at their first value."""
         base = {"dataset": self.dataset, "model": self.model, **self.training}
         if self.data_root is not None:
             base["data_root"] = self.data_root
-        if self.search:
-            for key, dist in self.search.space.items():
-                ((_, args),) = dist.items()
-                base[key] = args[0]
-        return [
+        space = self.search.space if self.search else {}
+        for key, dist in space.items():
+            base[key] = search_values(dist)[0]
+        cells = [
             {**base, "batch_size": b, "robust": r.to_train(), "seed": s}
             for b in self.batch_sizes
             for r in self.robust
             for s in self.seeds
+        ]
+        return cells
+
+    def _search_variants(self) -> list[tuple[str, dict[str, Any]]]:
+        """The first cell with each further value of each search key, named by that key."""
+        first = self.trial_configs()[0]
+        space = self.search.space if self.search else {}
+        return [
+            (f"search.space.{key}", {**first, key: value})
+            for key, dist in space.items()
+            for value in search_values(dist)[1:]
         ]
 
     @property

@@ -23,6 +23,7 @@ from ray.tune import Callback
 
 from orchestrator.errors import UserInputError
 from orchestrator.redact import redact_text
+from orchestrator.storage import checkpoint_location
 from trainables.train import CURVATURE_KEY, METRIC_KEYS
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
@@ -162,10 +163,13 @@ class TrackingCallback(Callback):
     reconnects, finds each trial's child run by tag and continues it.
     """
 
-    def __init__(self, tracking_uri: str, exp_id: str, parent_run_id: str) -> None:
+    def __init__(
+        self, tracking_uri: str, exp_id: str, parent_run_id: str, sweep_dir: str = ""
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.exp_id = exp_id
         self.parent_run_id = parent_run_id
+        self.sweep_dir = sweep_dir
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
         self._steps: dict[str, int] = {}
@@ -187,7 +191,8 @@ class TrackingCallback(Callback):
         return self._runs.get(trial_id)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: self.__dict__[k] for k in ("tracking_uri", "exp_id", "parent_run_id")}
+        keys = ("tracking_uri", "exp_id", "parent_run_id", "sweep_dir")
+        return {k: self.__dict__[k] for k in keys}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -253,7 +258,7 @@ class TrackingCallback(Callback):
         last = trial.last_result or {}
         tags = {"hessweep.status": status.lower(), "hessweep.epochs": last.get("epoch", 0)}
         if trial.checkpoint is not None:
-            tags[CHECKPOINT] = trial.checkpoint.path
+            tags[CHECKPOINT] = checkpoint_location(trial.checkpoint.path, self.sweep_dir)
         if last.get("diverged"):
             tags["hessweep.diverged"] = "true"
         log_batch(self.client, run_id, tags=tags)

@@ -21,7 +21,6 @@ from torch.utils.data import Dataset
 
 DATASET_NAMES = ("cifar10", "cifar100", "digits", "mnist", "synthetic")
 DATA_ENV_VAR = "HESSWEEP_DATA"
-DOWNLOAD_HINT = "load_dataset(..., download=True), or `--download` on the command line"
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -107,6 +106,11 @@ class DataSplits:
     num_classes: int
     in_channels: int
     image_size: int
+
+
+def download_hint(name: str) -> str:
+    """How to fetch a data set once (training itself never downloads)."""
+    return f"`hessweep download {name}` (or load_dataset({name!r}, download=True))"
 
 
 def default_root() -> Path:
@@ -268,7 +272,7 @@ def _construct(
         raise DatasetCorruptError(
             f"{name} files in {folder} exist but torchvision rejected them: {err}. They may be "
             "truncated or not the published release (CIFAR files are MD5-checked); delete the "
-            f"folder and fetch them again with {DOWNLOAD_HINT}, or pass "
+            f"folder and fetch them again with {download_hint(name)}, or pass "
             "verify_checksums=False for a copy trimmed on purpose."
         ) from err
 
@@ -282,7 +286,7 @@ def _not_found(name: str, folder: Path, files: Sequence[str], missing: Sequence[
     """The error for a data set that is not on disk."""
     return DatasetNotFoundError(
         f"{name} not found: expected files {', '.join(files)} in {folder} "
-        f"(missing: {', '.join(missing)}). Fetch them with {DOWNLOAD_HINT}, or set data_root "
+        f"(missing: {', '.join(missing)}). Fetch them with {download_hint(name)}, or set data_root "
         f"/ {DATA_ENV_VAR} to a folder that holds them."
     )
 

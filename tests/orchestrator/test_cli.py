@@ -13,6 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import pytest
+
+from orchestrator.cli import main
 
 STARTUP_S = 90
 
@@ -78,3 +81,39 @@ def test_ui_serves_the_store_on_127_0_0_1_only(tmp_path: Path) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert f"on http://127.0.0.1:{port}" in out
+
+
+def test_download_reports_a_data_set_already_in_place(tmp_path: Path, capsys) -> None:
+    from tests.trainables.test_data import _fake_mnist
+
+    _fake_mnist(tmp_path)  # torchvision finds the files and fetches nothing
+    assert main(["download", "mnist", "--root", str(tmp_path)]) == 0
+    assert "mnist: ready (20 train, 10 test images)" in capsys.readouterr().out
+    assert main(["download", "imagenet", "--root", str(tmp_path)]) == 2
+    assert "unknown dataset 'imagenet'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "storage"),
+    [
+        (["resume", "paper-cifar10"], "s3://YOUR-BUCKET/hessweep"),  # the spec's storage
+        (["resume", "demo"], "runs/ray"),
+        (["resume", "not-a-spec"], "runs/ray"),
+        (["resume", "paper-cifar10", "--storage", "/mnt/nfs/ray"], "/mnt/nfs/ray"),
+    ],
+)
+def test_resume_looks_where_the_spec_of_that_name_stores_its_sweeps(
+    argv, storage, monkeypatch, capsys
+) -> None:
+    import orchestrator.api
+    from orchestrator.errors import UserInputError
+
+    seen = {}
+
+    def fake_resume(name, address=None, tracking_uri=None, storage="", **_):
+        seen["storage"] = storage
+        raise UserInputError("stop here")
+
+    monkeypatch.setattr(orchestrator.api, "resume_experiment", fake_resume)
+    assert main(argv) == 2
+    assert seen["storage"] == storage

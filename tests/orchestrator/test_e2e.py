@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 from analysis.hessian import hessian_spectrum
-from orchestrator.api import resume_experiment, run_experiment
+from orchestrator.api import STATE_FILE, resume_experiment, run_experiment
 from orchestrator.cli import main
 from orchestrator.spec import Experiment
+from orchestrator.storage import join, read_text
 from trainables.train import load_trained
 
 SPEC = {
@@ -190,3 +194,46 @@ def test_cli_report_and_analyze_on_the_finished_sweep(finished, capsys, monkeypa
     assert main(["analyze", run_id, "--tracking-uri", uri]) == 0
     assert client.get_run(run_id).data.metrics["hessian/eig_1"] == pytest.approx(before, rel=1e-9)
     assert main(["analyze", "0" * 32, "--tracking-uri", uri]) == 2
+
+
+def test_a_sweep_on_uri_storage_runs_resumes_and_reanalyses(ray_session, tmp_path, monkeypatch):
+    """``file://`` storage takes the path every URI (s3://, gs://) takes: pyarrow for the
+    state file and the sweep listing, checkpoints addressed under the sweep's URI."""
+    monkeypatch.chdir(tmp_path)
+    storage = (tmp_path / "remote").as_uri()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = Experiment.from_dict(
+        {**SPEC, "name": "uri", "batch_sizes": [64], "storage": storage, "tracking_uri": uri}
+    )
+    result = run_experiment(exp, progress=lambda _: None)
+    assert result.sweep_dir.startswith("file://")
+    state = json.loads(read_text(join(result.sweep_dir, STATE_FILE)))
+    assert state["parent_run_id"] == result.parent_run_id
+    client = MlflowClient(uri)
+    (child,) = _children(client, result)
+    checkpoint = child.data.tags["hessweep.checkpoint"]
+    assert checkpoint.startswith(result.sweep_dir + "/")
+    assert "hessian/eig_1" in child.data.metrics  # the phase read the checkpoint by its URI
+
+    again = resume_experiment("uri", storage=storage, progress=lambda _: None)
+    assert again.parent_run_id == result.parent_run_id and again.sweep_dir == result.sweep_dir
+    assert len(_children(client, result)) == 1
+    before = client.get_run(child.info.run_id).data.metrics["hessian/eig_1"]
+    assert main(["analyze", child.info.run_id, "--tracking-uri", uri]) == 0
+    after = client.get_run(child.info.run_id).data.metrics["hessian/eig_1"]
+    assert after == pytest.approx(before, rel=1e-9)
+
+
+def test_unwritable_storage_fails_before_any_run_or_trial(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = tmp_path / "spec.yaml"
+    storage = str(tmp_path / "a-file" / "ray")
+    spec.write_text(yaml.safe_dump({**SPEC, "storage": storage, "tracking_uri": uri}))
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "storage" in err and "writable folder or URI" in err
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(ids) == []

@@ -95,6 +95,13 @@ BAD = [
     ({"search": {"space": {"batch_size": {"choice": [1, 2]}}}}, "not a searchable"),
     ({"search": {"num_samples": 0}}, "search.num_samples"),
     ({"select": {"mode": "best"}}, "select.mode"),
+    ({"select": {"metric": "hessian/eig_1"}}, "select.metric: not a metric trials report"),
+    ({"search": {"metric": "bogus"}}, "search.metric: not a metric trials report"),
+    # every value of a search space is checked, not only the first
+    ({"search": {"space": {"lr": {"choice": [0.1, -1]}}}}, "search.space.lr: got -1"),
+    ({"search": {"space": {"momentum": {"uniform": [0.5, 1.5]}}}}, "search.space.momentum"),
+    ({"search": {"space": {"lr": {"loguniform": [0.1, 0.01]}}}}, "lower bound must come first"),
+    ({"search": {"space": {"lr": {"quniform": [0.1, 0.5, 0]}}}}, "step q must be > 0"),
 ]
 
 

@@ -180,7 +180,7 @@ def test_missing_mnist_names_files_folder_and_flag(tmp_path: Path) -> None:
     message = str(info.value)
     assert str(tmp_path / "MNIST" / "raw") in message
     assert "train-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
-    assert "download=True" in message and "--download" in message
+    assert "download=True" in message and "hessweep download mnist" in message
 
 
 def test_cifar10_reads_real_pickled_batches(tmp_path: Path) -> None:
