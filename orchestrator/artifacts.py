@@ -55,6 +55,7 @@ def _write(report: Any, folder: Path, title: str) -> list[Path]:
                 spectrum / "input_hessian.parquet",
                 eig_max=report.input_eig_max,
                 eig_min=report.input_eig_min,
+                converged=report.input_converged,
             )
         )
     written.append(plots / "eigenvalues.png")
@@ -63,9 +64,12 @@ def _write(report: Any, folder: Path, title: str) -> list[Path]:
 
 
 def _parquet(path: Path, **columns: Any) -> Path:
-    """Write float columns (an integer ``index`` stays integer) as one Parquet table."""
+    """Write float columns (an integer ``index`` and boolean flags keep their type) as one
+    Parquet table."""
     table = {
-        name: values if name == "index" else np.asarray(values, dtype=float)
+        name: values
+        if name == "index" or np.asarray(values).dtype == bool
+        else np.asarray(values, dtype=float)
         for name, values in columns.items()
     }
     pq.write_table(pa.table(table), path)

@@ -45,9 +45,11 @@ def load_spec(spec: str, overrides: list[str] | None = None):
 
 def cmd_validate(args: argparse.Namespace) -> int:
     exp = load_spec(args.spec, args.set)
+    samples = f", {exp.search.num_samples} search sample(s) each" if exp.search else ""
     print(
         f"{args.spec}: valid. {exp.num_cells} trial cell(s): batch sizes {exp.batch_sizes} x "
-        f"robust {[r.label for r in exp.robust]} x seeds {exp.seeds}"
+        f"robust {[r.label for r in exp.robust]} x seeds {exp.seeds}{samples}: "
+        f"{exp.num_trials} trial(s)"
     )
     return 0
 
@@ -183,14 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, address: bool = True) -> None:
+    def common(
+        p: argparse.ArgumentParser,
+        address: bool = True,
+        store: str = "MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db",
+    ) -> None:
         if address:
             p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-        p.add_argument(
-            "--tracking-uri",
-            help="MLflow store (default: MLFLOW_TRACKING_URI, the "
-            "spec's tracking_uri, else sqlite:///runs/mlflow.db)",
-        )
+        p.add_argument("--tracking-uri", help=f"MLflow store (default: {store})")
 
     p = sub.add_parser("run", help="run an experiment spec (a path, or a name in experiments/)")
     p.add_argument("spec", help="spec file or experiment name, e.g. demo")
@@ -202,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a spec field, e.g. --set batch_sizes=[32,512] "
         "--set training.lr=0.1 (repeatable)",
     )
-    common(p)
+    common(p, store="MLFLOW_TRACKING_URI, the spec's tracking_uri, else sqlite:///runs/mlflow.db")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="finish an interrupted sweep without re-running done trials")
@@ -212,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the sweeps live (default: the storage of the spec of that name in "
         "experiments/, else runs/ray)",
     )
-    common(p)
+    common(p, store="the store the sweep was logged to")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("validate", help="check a spec and print the grid it expands to")

@@ -216,6 +216,18 @@ class Experiment(_Strict):
             raise ValueError(f"batch_sizes has duplicates: {sizes}")
         return sizes
 
+    @field_validator("robust")
+    @classmethod
+    def _distinct_robust(cls, robust: list[RobustSetting]) -> list[RobustSetting]:
+        labels = [r.to_train() for r in robust]
+        for i, r in enumerate(labels):
+            if r in labels[:i]:
+                raise ValueError(
+                    f"robust[{i}] repeats robust[{labels.index(r)}] ({robust[i].label}, same "
+                    "settings); list each setting once"
+                )
+        return robust
+
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, seeds: list[int]) -> list[int]:
@@ -291,6 +303,11 @@ class Experiment(_Strict):
     def num_cells(self) -> int:
         """Grid cells: batch sizes x robust settings x seeds."""
         return len(self.batch_sizes) * len(self.robust) * len(self.seeds)
+
+    @property
+    def num_trials(self) -> int:
+        """Trials Tune runs: each cell once per search sample."""
+        return self.num_cells * (self.search.num_samples if self.search else 1)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Experiment:

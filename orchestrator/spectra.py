@@ -84,6 +84,8 @@ class SpectrumReport:
     eigenvalue is below ``-r * |largest|`` with ``r = max(1e-6, tol)``: clearly negative,
     beyond what the solver's relative tolerance can resolve (NaN with no samples).
     ``wall_times`` maps each part (lanczos, trace, density, input, total) to seconds.
+    ``trace_converged`` says whether Hutchinson met its standard-error goal and
+    ``input_converged`` which samples' Lanczos met its tolerance.
     """
 
     eigenvalues: list[float]
@@ -99,6 +101,7 @@ class SpectrumReport:
     input_converged: np.ndarray
     neg_fraction: float
     wall_times: dict[str, float] = field(default_factory=dict)
+    trace_converged: bool | None = None
 
     def metrics(self) -> dict[str, float]:
         """The MLflow metrics of the DESIGN.md contract; NaN where a part was not computed."""
@@ -106,12 +109,16 @@ class SpectrumReport:
         nan = float("nan")
         out["hessian/trace"] = nan if self.trace is None else float(self.trace)
         out["hessian/trace_stderr"] = nan if self.trace_stderr is None else self.trace_stderr
+        out["hessian/trace_converged"] = (
+            nan if self.trace_converged is None else float(self.trace_converged)
+        )
         out["hessian/n_matvecs"] = float(self.n_matvecs)
         out["hessian/converged"] = 1.0 if self.converged else 0.0
         out["input_hessian/eig_1_mean"] = _mean(self.input_eig_max)
         out["input_hessian/eig_1_median"] = _mean(self.input_eig_max, np.median)
         out["input_hessian/neg_fraction"] = float(self.neg_fraction)
         out["input_hessian/min_eig_mean"] = _mean(self.input_eig_min)
+        out["input_hessian/converged_fraction"] = _mean(self.input_converged.astype(float))
         return out
 
 
@@ -199,7 +206,7 @@ def analyze_model(
             f"lanczos {k}/{k} {state} after {eig.n_matvecs} matvecs, {times['lanczos']:.1f}s "
             f"(lambda_max={eig.lambda_max:.4g})"
         )
-        trace = stderr = None
+        trace = stderr = trace_ok = None
         if settings.trace:
             t0 = time.perf_counter()
             tr = hutchinson_trace(
@@ -209,7 +216,7 @@ def analyze_model(
                 seed=settings.seed + 1,
             )
             times["trace"] = time.perf_counter() - t0
-            trace, stderr = tr.estimate, tr.stderr
+            trace, stderr, trace_ok = tr.estimate, tr.stderr, bool(tr.converged)
             say(f"trace {trace:.4g} +- {stderr:.2g} ({tr.n_probes} probes), {times['trace']:.1f}s")
         grid = dens = None
         if settings.density:
@@ -262,6 +269,7 @@ def analyze_model(
         input_converged=in_conv,
         neg_fraction=neg_fraction(eig_max, eig_min, max(NEG_RTOL, settings.tol)),
         wall_times=times,
+        trace_converged=trace_ok,
     )
 
 

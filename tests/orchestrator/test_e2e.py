@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -94,6 +95,10 @@ def test_parent_and_child_runs_follow_the_contract(finished):
         )
         files = {a.path for a in client.list_artifacts(run.info.run_id, "spectrum")}
         assert {"spectrum/eigenvalues.parquet", "spectrum/density.parquet"} <= files
+        local = client.download_artifacts(run.info.run_id, "spectrum/input_hessian.parquet")
+        inputs = pq.read_table(local).to_pydict()
+        assert len(inputs["eig_max"]) == 8 and all(v is True for v in inputs["converged"])
+        assert metrics["input_hessian/converged_fraction"] == 1.0
         plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
         assert {"plots/eigenvalues.png", "plots/density.png"} <= plots
     report = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}

@@ -67,6 +67,7 @@ BAD = [
     ({"batch_sizes": [16, 16]}, "duplicates"),
     ({"batch_sizes": [5000]}, "only 1437 examples"),
     ({"robust": []}, "robust"),
+    ({"robust": [{"method": "none"}, {"method": "none", "epsilon": 0}]}, "robust.1. repeats"),
     ({"robust": [{"method": "fgsm", "epsilon": -0.1}]}, "greater than or equal to 0"),
     ({"robust": [{"method": "fgsm"}]}, "needs epsilon > 0"),
     ({"robust": [{"method": "cw", "epsilon": 0.1}]}, "robust.0.method"),
@@ -138,7 +139,10 @@ def test_file_level_errors(tmp_path, capsys):
 def test_validate_prints_the_grid(capsys):
     assert main(["validate", "demo", "--set", "batch_sizes=[32,512]"]) == 0
     out = capsys.readouterr().out
-    assert "valid" in out and "[32, 512]" in out
+    assert "valid" in out and "[32, 512]" in out and "4 trial(s)" in out
+    search = "search={space: {lr: {loguniform: [0.001, 0.1]}}, num_samples: 3}"
+    assert main(["validate", "demo", "--set", search]) == 0
+    assert "3 search sample(s) each: 24 trial(s)" in capsys.readouterr().out
 
 
 def test_yaml_round_trip(tmp_path):

@@ -34,12 +34,14 @@ EXPECTED_KEYS = {
     "hessian/eig_3",
     "hessian/trace",
     "hessian/trace_stderr",
+    "hessian/trace_converged",
     "hessian/n_matvecs",
     "hessian/converged",
     "input_hessian/eig_1_mean",
     "input_hessian/eig_1_median",
     "input_hessian/neg_fraction",
     "input_hessian/min_eig_mean",
+    "input_hessian/converged_fraction",
 }
 
 
@@ -112,6 +114,8 @@ def test_metrics_have_exactly_the_contract_keys(local_report):
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
     assert metrics["hessian/eig_1"] == local_report.eigenvalues[0]
     assert metrics["hessian/converged"] == 1.0
+    assert metrics["hessian/trace_converged"] == float(local_report.trace_converged)
+    assert metrics["input_hessian/converged_fraction"] == 1.0
     assert metrics["input_hessian/eig_1_median"] == pytest.approx(
         float(np.median(local_report.input_eig_max))
     )
@@ -128,6 +132,8 @@ def test_parts_can_be_switched_off(problem):
     assert math.isnan(metrics["hessian/trace"]) and math.isnan(
         metrics["input_hessian/neg_fraction"]
     )
+    assert math.isnan(metrics["hessian/trace_converged"])
+    assert math.isnan(metrics["input_hessian/converged_fraction"])
     assert math.isfinite(metrics["hessian/eig_2"])
 
 
