@@ -175,7 +175,9 @@ def batched_lanczos(
     estimate of the operator norm). With ``"eigenvalue"`` it stops when each wanted Ritz
     value's error estimate (``eigenvalue_error_bounds``) is at most ``tol`` times its own
     magnitude (floored at 1% of the norm): eigenvalues converge about twice as fast as
-    eigenvectors, so this needs fewer products when only the values matter. When a Krylov
+    eigenvectors, so this needs fewer products when only the values matter, but it stops
+    before a close pair of eigenvalues is resolved more often (one of the pair is then
+    missing from the top k; the README gives measured rates). When a Krylov
     space becomes invariant the row restarts from a fresh random vector, so repeated
     eigenvalues are found, and only stops once the newest block cannot improve the answer.
     ``keep_products`` stores every product so the true residuals ``||A x - theta x||``
