@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.errors import UserInputError
 from orchestrator.redact import redact
@@ -190,9 +198,9 @@ class Experiment(_Strict):
     dataset: str = "digits"
     data_root: str | None = None
     model: str = "m1"
-    batch_sizes: list[int | Literal["full"]] = Field(min_length=1)
+    batch_sizes: list[StrictInt | Literal["full"]] = Field(min_length=1)
     robust: list[RobustSetting] = Field(default_factory=lambda: [RobustSetting()], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[StrictInt] = Field(default_factory=lambda: [0], min_length=1)
     training: dict[str, Any] = Field(default_factory=dict)
     search: SearchSpec | None = None
     select: SelectSpec | None = None

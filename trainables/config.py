@@ -309,7 +309,9 @@ def _attack(
     base = default or cls()
     kwargs: dict[str, Any] = {
         "method": _choice(f"{key}.method", value.get("method", base.method), ATTACK_METHODS),
-        "epsilon": _real(f"{key}.epsilon", value.get("epsilon", base.epsilon), low=0.0),
+        "epsilon": _real(  # pixels are in [0, 1]
+            f"{key}.epsilon", value.get("epsilon", base.epsilon), low=0.0, high=1.0
+        ),
         "steps": _int(f"{key}.steps", value.get("steps", base.steps), 1),
         "step_size": None,
     }

@@ -75,6 +75,8 @@ BAD = [
     ({"robust": [{"method": "fgsm", "epsilon": 0.1, "adv_fraction": 1.5}]}, "adv_fraction"),
     ({"seeds": []}, "seeds"),
     ({"seeds": [-1]}, "seeds must be distinct"),
+    ({"seeds": [True]}, "seeds.0"),
+    ({"batch_sizes": ["16"]}, "batch_sizes.0"),
     ({"model": "vgg99"}, "model"),
     ({"dataset": "imagenet"}, "dataset"),
     ({"foo": 1}, "foo: unknown field"),

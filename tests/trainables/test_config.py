@@ -73,6 +73,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str, str]] = [
     ({"robust": {"method": "fgsm", "epsilon": -0.1}}, "robust.epsilon", "-0.1"),
     ({"robust": {"method": "cw"}}, "robust.method", "'cw'"),
     ({"robust": {"adv_fraction": 1.5}}, "robust.adv_fraction", "1.5"),
+    ({"eval_attack": {"epsilon": 8}}, "eval_attack.epsilon", "<= 1.0"),
     ({"robust": {"steps": 0}}, "robust.steps", "0"),
     ({"eval_attack": {"epsilon": -0.01}}, "eval_attack.epsilon", "-0.01"),
     ({"eval_attack": "fgsm"}, "eval_attack", "'fgsm'"),
