@@ -290,7 +290,7 @@ def _write_state(sweep_dir: str, exp: Experiment, parent_id: str | None, uri: st
     target = join(sweep_dir, STATE_FILE)
     try:
         write_text(target, json.dumps(state, indent=2))
-    except OSError as err:
+    except (OSError, ValueError) as err:  # pyarrow: ArrowInvalid for a bad URI option
         raise UserInputError(
             f"storage {redact_text(exp.storage)!r}: cannot write {redact_text(target)} "
             f"({err}); set the spec's storage (or --set storage=...) to a writable folder or URI"

@@ -71,7 +71,7 @@ def _spec_storage(name: str) -> str | None:
 
     try:
         return Experiment.from_yaml(resolve_spec(name)).storage
-    except (UserInputError, ConfigError, OSError):
+    except (UserInputError, ConfigError, OSError, ValueError):
         return None
 
 

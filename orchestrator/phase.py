@@ -22,6 +22,7 @@ from orchestrator.spec import Experiment
 from orchestrator.spectra import HessianSettings, SpectrumReport, analyze_model
 from orchestrator.storage import local_copy
 from orchestrator.tracking import finite_metrics, log_batch
+from trainables.checkpoint import CheckpointError
 from trainables.train import load_trained
 
 ANALYZED = "hessweep.analyzed"
@@ -102,7 +103,12 @@ class HessianPhase:
     def _analyse(self, trial_id: str, checkpoint_path: str, run_id: str, label: str) -> None:
         start = time.perf_counter()
         with local_copy(checkpoint_path) as local:
-            trained = load_trained(local)
+            try:
+                trained = load_trained(local)
+            except CheckpointError as err:
+                if local == checkpoint_path:
+                    raise
+                raise CheckpointError(f"{checkpoint_path} (downloaded to {local}): {err}") from err
         n = min(self.settings.input_samples, len(trained.test_data))
         test_x, test_y = _first(trained.test_data, n)
         self.progress(f"hessian: {label}: analysing ({trial_id})")

@@ -56,14 +56,22 @@ def _trial_metric(metric: str) -> str:
     return metric
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def search_values(dist: dict[str, list[Any]]) -> list[Any]:
     """Values a distribution can take that a spec check must try: every choice, or the ends
-    of a range (``randint``'s upper end is exclusive)."""
+    of a range (``randint``'s upper end is exclusive; ``q`` ranges round to multiples of
+    ``q``, as Tune samples them, so a range may reach 0)."""
     ((kind, args),) = dist.items()
     if kind in ("choice", "grid"):
         return list(args)
     if kind == "randint":
         return [args[0], args[1] - 1]
+    if kind in ("quniform", "qloguniform"):
+        q = args[2]
+        return [round(a / q) * q for a in args[:2]]
     return list(args[:2])
 
 
@@ -131,6 +139,11 @@ class SearchSpec(_Strict):
                 raise ValueError(
                     f"search.space.{key}.{kind}: expected "
                     f"{want or 'a non-empty list of'} values, got {args!r}"
+                )
+            if want is not None and not all(_is_number(a) for a in args):
+                raise ValueError(
+                    f"search.space.{key}.{kind}: bounds must be numbers, got {args!r} "
+                    "(YAML reads 1e-4 without a dot as text: write 1.0e-4)"
                 )
             if kind in ("loguniform", "qloguniform") and min(args[:2]) <= 0:
                 raise ValueError(f"search.space.{key}.{kind}: bounds must be > 0, got {args!r}")
@@ -227,12 +240,13 @@ class Experiment(_Strict):
     @field_validator("robust")
     @classmethod
     def _distinct_robust(cls, robust: list[RobustSetting]) -> list[RobustSetting]:
-        labels = [r.to_train() for r in robust]
-        for i, r in enumerate(labels):
-            if r in labels[:i]:
+        labels = [r.label for r in robust]
+        for i, label in enumerate(labels):
+            if label in labels[:i]:
                 raise ValueError(
-                    f"robust[{i}] repeats robust[{labels.index(r)}] ({robust[i].label}, same "
-                    "settings); list each setting once"
+                    f"robust[{i}] and robust[{labels.index(label)}] are both {label!r}: cells, "
+                    "run names and tables are keyed by method and epsilon, so list each "
+                    "(method, epsilon) once"
                 )
         return robust
 
@@ -266,8 +280,8 @@ class Experiment(_Strict):
     def _check_trials(self) -> Experiment:
         """Every grid cell, and every value of every search key, must be a valid training
         config for the trainable (a bad one would otherwise fail only inside its trial)."""
-        checks = [("", c) for c in self.trial_configs()] + self._search_variants()
-        for origin, config in checks:
+        checks = self.trial_configs() + self._search_variants()
+        for config in checks:
             try:
                 parsed = parse_config(config)
                 size = KNOWN_TRAIN_SIZES.get(self.dataset)
@@ -275,10 +289,30 @@ class Experiment(_Strict):
                     parsed.check_data(size)
             except ConfigError as err:
                 message = spec_field_message(str(err))
-                if origin:
-                    key = origin.rsplit(".", 1)[1]
-                    message = message.replace(f"training.{key}:", f"{origin}:")
+                for key in self.search.space if self.search else ():
+                    message = message.replace(f"training.{key}:", f"search.space.{key}:")
                 raise ValueError(message) from None
+        return self
+
+    @model_validator(mode="after")
+    def _check_metrics(self) -> Experiment:
+        """Selection and ASHA read a metric from each trial's latest result: it must be
+        there (not NaN, not missing) whatever epoch a trial stops at."""
+        cfg = parse_config(self.trial_configs()[0])
+        uses = [("select.metric", self.select.metric)] if self.select else []
+        if self.search and self.search.scheduler == "asha":
+            uses.append(("search.metric", self.search.metric))
+        for field, metric in uses:
+            if metric == CURVATURE_KEY and cfg.hessian_every != 1:
+                raise ValueError(
+                    f"{field}: {metric} is in a trial's result only on epochs that are "
+                    "multiples of training.hessian_every; set training.hessian_every: 1"
+                )
+            if metric == "test/adv_acc" and cfg.eval_attack.method == "none":
+                raise ValueError(
+                    f"{field}: test/adv_acc is NaN without training.eval_attack; set one or "
+                    "pick another metric"
+                )
         return self
 
     def trial_configs(self) -> list[dict[str, Any]]:
@@ -297,12 +331,12 @@ class Experiment(_Strict):
         ]
         return cells
 
-    def _search_variants(self) -> list[tuple[str, dict[str, Any]]]:
-        """The first cell with each further value of each search key, named by that key."""
+    def _search_variants(self) -> list[dict[str, Any]]:
+        """The first cell with each further value of each search key."""
         first = self.trial_configs()[0]
         space = self.search.space if self.search else {}
         return [
-            (f"search.space.{key}", {**first, key: value})
+            {**first, key: value}
             for key, dist in space.items()
             for value in search_values(dist)[1:]
         ]

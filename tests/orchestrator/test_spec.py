@@ -67,7 +67,7 @@ BAD = [
     ({"batch_sizes": [16, 16]}, "duplicates"),
     ({"batch_sizes": [5000]}, "only 1437 examples"),
     ({"robust": []}, "robust"),
-    ({"robust": [{"method": "none"}, {"method": "none", "epsilon": 0}]}, "robust.1. repeats"),
+    ({"robust": [{"method": "none"}, {"method": "none", "epsilon": 0}]}, "both 'none'"),
     ({"robust": [{"method": "fgsm", "epsilon": -0.1}]}, "greater than or equal to 0"),
     ({"robust": [{"method": "fgsm"}]}, "needs epsilon > 0"),
     ({"robust": [{"method": "cw", "epsilon": 0.1}]}, "robust.0.method"),
@@ -105,6 +105,29 @@ BAD = [
     ({"search": {"space": {"momentum": {"uniform": [0.5, 1.5]}}}}, "search.space.momentum"),
     ({"search": {"space": {"lr": {"loguniform": [0.1, 0.01]}}}}, "lower bound must come first"),
     ({"search": {"space": {"lr": {"quniform": [0.1, 0.5, 0]}}}}, "step q must be > 0"),
+    ({"search": {"space": {"lr": {"uniform": ["1e-4", "1e-2"]}}}}, "bounds must be numbers"),
+    ({"search": {"space": {"lr": {"quniform": [0.001, 0.1, 0.01]}}}}, "search.space.lr: got 0"),
+    (
+        {
+            "robust": [
+                {"method": "pgd", "epsilon": 0.1},
+                {"method": "pgd", "epsilon": 0.1, "steps": 40},
+            ]
+        },
+        "both 'pgd-0.1'",
+    ),
+    ({"select": {"metric": "hessian/eig_1_epoch"}}, "set training.hessian_every: 1"),
+    (
+        {"training": {"eval_attack": {"method": "none"}}, "select": {"metric": "test/adv_acc"}},
+        "NaN without training.eval_attack",
+    ),
+    (
+        {
+            "search": {"scheduler": "asha", "metric": "hessian/eig_1_epoch"},
+            "training": {"hessian_every": 2},
+        },
+        "search.metric",
+    ),
 ]
 
 
