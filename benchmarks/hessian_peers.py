@@ -34,6 +34,7 @@ class Ours:
         self.op = WeightHessian(s.model, CE, s.batches)
         self.op.matvec = counter.wrap(self.op.matvec)
         self.krylov: dict[int, int] = {}
+        self.found: dict[int, Any] = {}  # k -> the EigenResult of top(k)
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         return self.op.matvec(v)
@@ -44,6 +45,7 @@ class Ours:
         self.op.release()
         res = lanczos(self.op, k=k, tol=OUR_TOL, seed=0, criterion="eigenvalue")
         self.krylov[k] = res.n_iterations
+        self.found[k] = res
         return res.eigenvalues.cpu().numpy(), {"converged": res.converged}
 
     def trace(self, probes: int) -> tuple[float, dict[str, Any]]:
@@ -53,6 +55,18 @@ class Ours:
         with warnings.catch_warnings():  # a fixed budget may end above its 1% stderr goal
             warnings.simplefilter("ignore")
             res = hutchinson_trace(self.op, min_probes=probes, max_probes=probes, seed=0)
+        return res.estimate, {"converged": res.converged, "stderr": res.stderr}
+
+    def trace_deflated(self, probes: int, k: int) -> tuple[float, dict[str, Any]]:
+        """The same probes with the top-k of ``top(k)`` taken exactly (not re-timed here)."""
+        from analysis.hessian import hutchinson_trace
+
+        self.op.release()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = hutchinson_trace(
+                self.op, min_probes=probes, max_probes=probes, seed=0, deflate=self.found[k]
+            )
         return res.estimate, {"converged": res.converged, "stderr": res.stderr}
 
 

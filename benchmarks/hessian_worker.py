@@ -294,6 +294,9 @@ def eigen(s: Setting, libs, ref, rec: Recorder, k: int, repeats: int, cap: float
     )
 
 
+DEFLATE_K = 10  # the deflated trace row reuses the top-10 eigenpairs
+
+
 def traces(s: Setting, libs, ref, rec: Recorder, repeats: int, probes: int, cap: float) -> None:
     settings = {
         "ours": f"hutchinson_trace(min_probes={probes}, max_probes={probes}) [Rademacher]",
@@ -306,14 +309,28 @@ def traces(s: Setting, libs, ref, rec: Recorder, repeats: int, probes: int, cap:
         key: rec.row("trace", key, obj.label, settings=settings[key])
         for key, (obj, _) in libs.items()
     }
+    ours, ours_counter = libs["ours"]
+    runs = {
+        key: (lambda obj=obj: obj.trace(probes), counter) for key, (obj, counter) in libs.items()
+    }
+    if DEFLATE_K in ours.found:
+        rows["deflated"] = rec.row(
+            "trace",
+            "deflated",
+            f"{ours.label}, top-{DEFLATE_K} deflated",
+            settings=f"hutchinson_trace(min_probes={probes}, max_probes={probes}, "
+            f"deflate=<the top-{DEFLATE_K} above>) [same probes; the top-{DEFLATE_K}'s own "
+            "time and products not included]",
+        )
+        runs["deflated"] = (lambda: ours.trace_deflated(probes, DEFLATE_K), ours_counter)
     for rep in range(repeats):
-        for key, (obj, counter) in libs.items():
+        for key, (run, counter) in runs.items():
             r = rows[key]
             if r.get("capped") or (rep > 0 and r["times"] and r["times"][-1] > SLOW_RUN_S):
                 continue
             out = rec.measure(
                 r,
-                lambda obj=obj: obj.trace(probes),
+                run,
                 counter,
                 peer_cap(rows["ours"], "trace", key, cap),
             )

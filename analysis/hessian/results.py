@@ -33,13 +33,15 @@ class EigenResult:
 
 @dataclass(frozen=True)
 class TraceResult:
-    """A Hutchinson trace estimate with its standard error."""
+    """A Hutchinson trace estimate with its standard error (``n_deflated`` eigenpairs were
+    taken exactly and only the rest of the spectrum probed)."""
 
     estimate: float
     stderr: float
     n_probes: int
     n_matvecs: int
     converged: bool
+    n_deflated: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 
 from analysis.hessian.lanczos import ConvergenceWarning
 from analysis.hessian.protocol import LinearOperator, check_operator, operator_device
-from analysis.hessian.results import TraceResult
+from analysis.hessian.results import EigenResult, TraceResult
 
 
 def hutchinson_trace(
@@ -19,11 +19,19 @@ def hutchinson_trace(
     min_probes: int = 10,
     max_probes: int = 500,
     seed: int = 0,
+    deflate: EigenResult | None = None,
 ) -> TraceResult:
     """Estimate ``trace(A)`` as the mean of ``z^T A z`` over Rademacher probes ``z``.
 
     Probing stops once the standard error is at most ``max(rtol * |estimate|, atol)``
     (after ``min_probes``); hitting ``max_probes`` first warns and sets converged=False.
+
+    ``deflate`` (eigenpairs already computed, e.g. by ``lanczos``) splits the trace into
+    their eigenvalues plus the trace of ``A`` projected off their eigenvectors
+    (``tr A = sum_i v_i^T A v_i + tr(P A P)`` for orthonormal ``v_i``, ``P = I - V V^T``):
+    still unbiased, and the outliers no longer add variance, so far fewer probes reach
+    the same standard error on a trained network's Hessian. It needs the eigenvalues to be
+    the Rayleigh quotients of the eigenvectors, as ``lanczos`` returns them.
     """
     check_operator(op)
     if min_probes < 2 or max_probes < min_probes:
@@ -33,12 +41,15 @@ def hutchinson_trace(
         )
     gen = torch.Generator().manual_seed(seed)
     device = operator_device(op)
+    basis, known = _deflation(op, deflate, device)
     samples: list[float] = []
     mean = stderr = 0.0
     converged = False
     while len(samples) < max_probes:
         z = (torch.randint(0, 2, (op.size,), generator=gen) * 2 - 1).to(op.dtype).to(device)
-        samples.append(float(z @ op.matvec(z)))
+        if basis is not None:
+            z = z - basis.T @ (basis @ z)
+        samples.append(known + float(z @ op.matvec(z)))
         n = len(samples)
         if n < min_probes:
             continue
@@ -61,4 +72,24 @@ def hutchinson_trace(
         n_probes=len(samples),
         n_matvecs=len(samples),
         converged=converged,
+        n_deflated=0 if basis is None else int(basis.shape[0]),
     )
+
+
+def _deflation(
+    op: LinearOperator, deflate: EigenResult | None, device: torch.device
+) -> tuple[torch.Tensor | None, float]:
+    """The eigenvectors to project off (rows, on the operator's device) and their sum."""
+    if deflate is None or len(deflate.eigenvalues) == 0:
+        return None, 0.0
+    vectors = deflate.eigenvectors
+    k = len(deflate.eigenvalues)
+    if vectors is None or tuple(vectors.shape) != (k, int(op.size)):
+        shape = None if vectors is None else tuple(vectors.shape)
+        raise ValueError(
+            f"deflate: eigenvectors must be {k} x {op.size} (one row per eigenvalue, the "
+            f"operator's size), got {shape}; pass the EigenResult of this operator"
+        )
+    if k >= int(op.size):
+        raise ValueError(f"deflate: {k} eigenpairs leave nothing to estimate (size {op.size})")
+    return vectors.to(device=device, dtype=op.dtype), float(deflate.eigenvalues.sum())

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.hessian import ConvergenceWarning, WeightHessian, hutchinson_trace, slq_density
+from analysis.hessian import (
+    ConvergenceWarning,
+    WeightHessian,
+    hutchinson_trace,
+    lanczos,
+    slq_density,
+)
 from tests.analysis.hessian.reference import DenseOperator, matrix_with_spectrum
 
 CE = nn.CrossEntropyLoss()
@@ -30,6 +36,47 @@ def test_trace_reproduces_with_seed_and_reports_budget_exhaustion():
     with pytest.warns(ConvergenceWarning, match="max_probes=12"):
         res = hutchinson_trace(op, rtol=1e-6, min_probes=10, max_probes=12)
     assert not res.converged and res.n_probes == 12
+
+
+def test_deflated_trace_is_exact_when_the_deflated_pairs_are_the_whole_spectrum():
+    op = DenseOperator(matrix_with_spectrum(torch.tensor([5.0, 4.0, 3.0] + [0.0] * 57)))
+    top = lanczos(op, k=3, tol=1e-10)
+    res = hutchinson_trace(op, rtol=1e-6, seed=1, deflate=top)
+    assert res.converged and res.n_probes == 10 and res.n_deflated == 3
+    assert res.estimate == pytest.approx(12.0, abs=1e-8) and res.stderr < 1e-8
+
+
+@pytest.mark.filterwarnings("ignore::analysis.hessian.lanczos.ConvergenceWarning")  # rtol=0
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_deflating_outliers_keeps_the_estimate_honest_and_cuts_its_error(seed):
+    gen = torch.Generator().manual_seed(seed)
+    bulk = torch.rand(97, generator=gen, dtype=torch.float64) * 2 - 1
+    spectrum = torch.cat([torch.tensor([50.0, 30.0, 20.0], dtype=torch.float64), bulk])
+    op = DenseOperator(matrix_with_spectrum(spectrum, seed=seed))
+    exact = float(spectrum.sum())
+    top = lanczos(op, k=3, tol=1e-8)
+    plain = hutchinson_trace(op, min_probes=40, max_probes=40, rtol=0, seed=seed)
+    deflated = hutchinson_trace(op, min_probes=40, max_probes=40, rtol=0, seed=seed, deflate=top)
+    assert abs(deflated.estimate - exact) <= 4 * deflated.stderr
+    assert abs(plain.estimate - exact) <= 4 * plain.stderr
+    assert deflated.stderr < plain.stderr / 5
+
+
+def test_deflated_trace_of_a_weight_hessian_within_its_stated_error(mlp_problem):
+    model, x, y, dense = mlp_problem
+    op = WeightHessian(model, CE, [(x, y)])
+    res = hutchinson_trace(op, rtol=0.05, seed=3, deflate=lanczos(op, k=2, tol=1e-8))
+    assert res.converged and res.n_deflated == 2
+    assert abs(res.estimate - float(torch.trace(dense))) <= 4 * res.stderr
+
+
+def test_deflation_that_does_not_fit_the_operator_is_refused():
+    op = DenseOperator(matrix_with_spectrum(torch.linspace(1, 2, 10)))
+    other = lanczos(DenseOperator(matrix_with_spectrum(torch.linspace(1, 2, 12))), k=2)
+    with pytest.raises(ValueError, match="deflate: eigenvectors must be 2 x 10"):
+        hutchinson_trace(op, deflate=other)
+    with pytest.raises(ValueError, match="leave nothing to estimate"):
+        hutchinson_trace(op, deflate=lanczos(op, k=10))
 
 
 def test_density_integrates_to_one_and_matches_moments():
