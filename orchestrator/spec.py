@@ -295,6 +295,17 @@ class Experiment(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _check_actors(self) -> Experiment:
+        """Each Hessian actor holds a shard of the training set: no more actors than samples."""
+        size = KNOWN_TRAIN_SIZES.get(self.dataset)
+        if self.hessian.enabled and size is not None and self.hessian.num_actors > size:
+            raise ValueError(
+                f"hessian.num_actors: {self.hessian.num_actors} actors for the {size} "
+                f"training samples of {self.dataset}; use at most {size}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_metrics(self) -> Experiment:
         """Selection and ASHA read a metric from each trial's latest result: it must be
         there (not NaN, not missing) whatever epoch a trial stops at."""

@@ -89,6 +89,7 @@ BAD = [
     ({"hessian": {"dtype": "float16"}}, "hessian.dtype"),
     ({"hessian": {"criterion": "fast"}}, "hessian.criterion"),
     ({"hessian": {"num_actors": 0}}, "hessian.num_actors"),
+    ({"hessian": {"num_actors": 2000}}, "2000 actors for the 1437 training samples"),
     ({"hessian": {"unknown": 1}}, "hessian.unknown"),
     ({"resources": {"gpus": -1}}, "resources.gpus"),
     ({"name": "has space"}, "name"),
