@@ -60,7 +60,9 @@ def trial_row(
         "trace": _num(metrics.get("hessian/trace")),
         "input_eig_mean": _num(metrics.get("input_hessian/eig_1_mean")),
         "neg_fraction": _num(metrics.get("input_hessian/neg_fraction")),
-        "reached_target": bool(last.get("converged", False)),
+        "reached_target": (
+            None if config.get("target_train_loss") is None else bool(last.get("converged"))
+        ),  # None: no target to reach
         "diverged": bool(last.get("diverged", False)),
         "trial_id": trial_id,
         "run_id": run_id,
@@ -94,6 +96,8 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
