@@ -62,16 +62,12 @@ def _is_number(value: Any) -> bool:
 
 def search_values(dist: dict[str, list[Any]]) -> list[Any]:
     """Values a distribution can take that a spec check must try: every choice, or the ends
-    of a range (``randint``'s upper end is exclusive; ``q`` ranges round to multiples of
-    ``q``, as Tune samples them, so a range may reach 0)."""
+    of a range (``randint``'s upper end is exclusive)."""
     ((kind, args),) = dist.items()
     if kind in ("choice", "grid"):
         return list(args)
     if kind == "randint":
         return [args[0], args[1] - 1]
-    if kind in ("quniform", "qloguniform"):
-        q = args[2]
-        return [round(a / q) * q for a in args[:2]]
     return list(args[:2])
 
 
@@ -154,6 +150,13 @@ class SearchSpec(_Strict):
                 )
             if kind.startswith("q") and not args[2] > 0:
                 raise ValueError(f"search.space.{key}.{kind}: the step q must be > 0")
+            if kind.startswith("q") and not all(
+                math.isclose(b / args[2], round(b / args[2])) for b in args[:2]
+            ):
+                raise ValueError(
+                    f"search.space.{key}.{kind}: both bounds must be multiples of q "
+                    f"(Tune refuses others), got {args!r}"
+                )
         return space
 
     @field_validator("metric")
@@ -308,22 +311,24 @@ class Experiment(_Strict):
     @model_validator(mode="after")
     def _check_metrics(self) -> Experiment:
         """Selection and ASHA read a metric from each trial's latest result: it must be
-        there (not NaN, not missing) whatever epoch a trial stops at."""
-        cfg = parse_config(self.trial_configs()[0])
-        uses = [("select.metric", self.select.metric)] if self.select else []
+        there (not NaN, not missing) whatever epoch a trial stops at, in every cell and for
+        every search value."""
+        uses = [("select.metric", self.select.metric, False)] if self.select else []
         if self.search and self.search.scheduler == "asha":
-            uses.append(("search.metric", self.search.metric))
-        for field, metric in uses:
-            if metric == CURVATURE_KEY and cfg.hessian_every != 1:
-                raise ValueError(
-                    f"{field}: {metric} is in a trial's result only on epochs that are "
-                    "multiples of training.hessian_every; set training.hessian_every: 1"
-                )
-            if metric == "test/adv_acc" and cfg.eval_attack.method == "none":
-                raise ValueError(
-                    f"{field}: test/adv_acc is NaN without training.eval_attack; set one or "
-                    "pick another metric"
-                )
+            uses.append(("search.metric", self.search.metric, True))
+        for config in self.trial_configs() + self._search_variants():
+            cfg = parse_config(config)
+            for field, metric, every_epoch in uses:
+                if metric == CURVATURE_KEY and not _curvature_in_last_result(cfg, every_epoch):
+                    raise ValueError(
+                        f"{field}: {metric} is in a trial's result only on epochs that are "
+                        "multiples of training.hessian_every; set training.hessian_every: 1"
+                    )
+                if metric == "test/adv_acc" and cfg.eval_attack.method == "none":
+                    raise ValueError(
+                        f"{field}: test/adv_acc is NaN without training.eval_attack; set one "
+                        "or pick another metric"
+                    )
         return self
 
     def trial_configs(self) -> list[dict[str, Any]]:
@@ -415,6 +420,17 @@ class Experiment(_Strict):
         """The spec as YAML (round-trips through ``from_yaml``); ``redacted`` masks secrets."""
         data = self.model_dump(mode="json")
         return yaml.safe_dump(redact(data) if redacted else data, sort_keys=False)
+
+
+def _curvature_in_last_result(cfg: TrainConfig, every_epoch: bool) -> bool:
+    """Whether the per-epoch curvature is in every result (ASHA) or in the last one: a trial
+    with a target may stop at any epoch, one without stops at ``max_epochs``."""
+    every = cfg.hessian_every
+    if every is None:
+        return False
+    if every == 1:
+        return True
+    return not every_epoch and cfg.target_train_loss is None and cfg.max_epochs % every == 0
 
 
 def _batch_rank(batch: int | str) -> float:

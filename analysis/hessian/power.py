@@ -36,7 +36,7 @@ def power_iteration(
         v = _project_out(random_unit_rows(gen, 1, op.size, op.dtype, device)[0], vectors)
         v = v / v.norm()
         lam, ok = torch.zeros((), dtype=op.dtype), False
-        for it in range(max_iter):  # noqa: B007 (it is read after the loop)
+        for it in range(max_iter):
             w = _project_out(op.matvec(v), vectors)
             n_matvecs += 1
             lam = v @ w
@@ -45,7 +45,8 @@ def power_iteration(
             if res <= tol * lam.abs() or wn == 0:
                 ok = True
                 break
-            v = w / wn
+            if it + 1 < max_iter:  # the last pass keeps v: lam is its Rayleigh quotient
+                v = w / wn
         iters = max(iters, it + 1)
         converged &= ok
         values.append(lam)

@@ -30,8 +30,10 @@ def hutchinson_trace(
     their eigenvalues plus the trace of ``A`` projected off their eigenvectors
     (``tr A = sum_i v_i^T A v_i + tr(P A P)`` for orthonormal ``v_i``, ``P = I - V V^T``):
     still unbiased, and the outliers no longer add variance, so far fewer probes reach
-    the same standard error on a trained network's Hessian. It needs the eigenvalues to be
-    the Rayleigh quotients of the eigenvectors, as ``lanczos`` returns them.
+    the same standard error on a trained network's Hessian. The pairs must be this
+    operator's, with each eigenvalue the Rayleigh quotient of its (orthonormal)
+    eigenvector, as ``lanczos`` and ``power_iteration`` return them, converged or not; with
+    every eigenpair known the trace is their sum, exactly, without a product.
     """
     check_operator(op)
     if min_probes < 2 or max_probes < min_probes:
@@ -42,6 +44,8 @@ def hutchinson_trace(
     gen = torch.Generator().manual_seed(seed)
     device = operator_device(op)
     basis, known = _deflation(op, deflate, device)
+    if basis is not None and basis.shape[0] == int(op.size):  # the whole spectrum is known
+        return TraceResult(known, 0.0, 0, 0, True, n_deflated=int(op.size))
     samples: list[float] = []
     mean = stderr = 0.0
     converged = False
@@ -90,6 +94,4 @@ def _deflation(
             f"deflate: eigenvectors must be {k} x {op.size} (one row per eigenvalue, the "
             f"operator's size), got {shape}; pass the EigenResult of this operator"
         )
-    if k >= int(op.size):
-        raise ValueError(f"deflate: {k} eigenpairs leave nothing to estimate (size {op.size})")
     return vectors.to(device=device, dtype=op.dtype), float(deflate.eigenvalues.sum())

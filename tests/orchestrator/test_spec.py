@@ -12,6 +12,7 @@ from orchestrator.errors import UserInputError
 from orchestrator.spec import EXPERIMENTS_DIR, Experiment, resolve_spec
 
 BASE = {"name": "t", "dataset": "digits", "model": "m1", "batch_sizes": [16, 64]}
+CURV = "hessian/eig_1_epoch"
 
 
 def test_every_shipped_spec_is_valid():
@@ -107,7 +108,12 @@ BAD = [
     ({"search": {"space": {"lr": {"loguniform": [0.1, 0.01]}}}}, "lower bound must come first"),
     ({"search": {"space": {"lr": {"quniform": [0.1, 0.5, 0]}}}}, "step q must be > 0"),
     ({"search": {"space": {"lr": {"uniform": ["1e-4", "1e-2"]}}}}, "bounds must be numbers"),
-    ({"search": {"space": {"lr": {"quniform": [0.001, 0.1, 0.01]}}}}, "search.space.lr: got 0"),
+    ({"search": {"space": {"lr": {"quniform": [0.015, 0.1, 0.01]}}}}, "multiples of q"),
+    ({"search": {"space": {"lr": {"quniform": [0.0, 0.1, 0.01]}}}}, "search.space.lr: got 0"),
+    (
+        {"search": {"space": {"hessian_every": {"choice": [1, 3]}}}, "select": {"metric": CURV}},
+        "set training.hessian_every: 1",
+    ),
     (
         {
             "robust": [
@@ -176,3 +182,17 @@ def test_yaml_round_trip(tmp_path):
     path = Path(tmp_path / "again.yaml")
     path.write_text(exp.to_yaml())
     assert Experiment.from_yaml(path) == exp
+
+
+def test_curvature_selection_is_allowed_when_the_last_epoch_reports_it():
+    training = {"hessian_every": 5, "max_epochs": 20}
+    exp = Experiment.from_dict({**BASE, "training": training, "select": {"metric": CURV}})
+    assert exp.select.metric == CURV
+    with pytest.raises(UserInputError, match="hessian_every: 1"):  # a target may stop at 7
+        Experiment.from_dict(
+            {
+                **BASE,
+                "training": {**training, "target_train_loss": 0.1},
+                "select": {"metric": CURV},
+            }
+        )

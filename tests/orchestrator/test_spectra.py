@@ -165,3 +165,14 @@ def test_neg_fraction_is_relative_to_each_samples_largest():
 def test_bad_dtype_is_named():
     with pytest.raises(ValueError, match="dtype"):
         HessianSettings(dtype="int64").torch_dtype()
+
+
+def test_a_model_smaller_than_top_k_gets_its_exact_trace():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)).double()
+    x, y = torch.randn(12, 1, 2, 2, dtype=torch.float64), torch.randint(0, 2, (12,))
+    settings = dataclasses.replace(SETTINGS, top_k=50, density=False, input_samples=0)
+    report = analyze_model(model, TensorDataset(x, y), x, y, settings)
+    assert len(report.eigenvalues) == 10  # every parameter
+    assert report.trace == pytest.approx(sum(report.eigenvalues), rel=1e-9)
+    assert report.trace_stderr == 0.0 and report.trace_converged

@@ -11,6 +11,7 @@ from analysis.hessian import (
     WeightHessian,
     hutchinson_trace,
     lanczos,
+    power_iteration,
     slq_density,
 )
 from tests.analysis.hessian.reference import DenseOperator, matrix_with_spectrum
@@ -62,6 +63,19 @@ def test_deflating_outliers_keeps_the_estimate_honest_and_cuts_its_error(seed):
     assert deflated.stderr < plain.stderr / 5
 
 
+@pytest.mark.filterwarnings("ignore::analysis.hessian.lanczos.ConvergenceWarning")
+def test_an_unconverged_power_iteration_still_deflates_without_bias():
+    spectrum = torch.cat([torch.tensor([40.0, 39.0, 25.0]), torch.linspace(-1, 1, 97)])
+    op = DenseOperator(matrix_with_spectrum(spectrum.double(), seed=5))
+    rough = power_iteration(op, k=2, max_iter=3)  # far from converged
+    assert not rough.converged
+    v = rough.eigenvectors
+    rayleigh = torch.einsum("kn,nm,km->k", v, op.matrix, v)
+    # the estimator's bias is sum(lambda_i - v_i^T A v_i): zero when each value is its
+    # vector's Rayleigh quotient
+    assert torch.allclose(rough.eigenvalues, rayleigh, rtol=0, atol=1e-10)
+
+
 def test_deflated_trace_of_a_weight_hessian_within_its_stated_error(mlp_problem):
     model, x, y, dense = mlp_problem
     op = WeightHessian(model, CE, [(x, y)])
@@ -70,13 +84,16 @@ def test_deflated_trace_of_a_weight_hessian_within_its_stated_error(mlp_problem)
     assert abs(res.estimate - float(torch.trace(dense))) <= 4 * res.stderr
 
 
-def test_deflation_that_does_not_fit_the_operator_is_refused():
+def test_deflation_that_does_not_fit_is_refused_and_a_full_one_is_exact():
     op = DenseOperator(matrix_with_spectrum(torch.linspace(1, 2, 10)))
     other = lanczos(DenseOperator(matrix_with_spectrum(torch.linspace(1, 2, 12))), k=2)
     with pytest.raises(ValueError, match="deflate: eigenvectors must be 2 x 10"):
         hutchinson_trace(op, deflate=other)
-    with pytest.raises(ValueError, match="leave nothing to estimate"):
-        hutchinson_trace(op, deflate=lanczos(op, k=10))
+    every = lanczos(op, k=10, tol=1e-10)
+    calls = op.calls
+    res = hutchinson_trace(op, deflate=every)  # the whole spectrum: exact, no product
+    assert res.estimate == pytest.approx(15.0, rel=1e-12) and op.calls == calls
+    assert res.converged and res.n_probes == 0 and res.stderr == 0.0
 
 
 def test_density_integrates_to_one_and_matches_moments():
