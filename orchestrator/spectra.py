@@ -42,7 +42,7 @@ class HessianSettings:
     trace_rtol: float = 0.05
     trace_max_probes: int = 200
     density: bool = True
-    density_probes: int = 4
+    density_probes: int = 1
     density_steps: int = 60
     input_samples: int = 200
     input_k: int = 1
