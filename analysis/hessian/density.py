@@ -9,7 +9,7 @@ import torch
 from analysis.hessian.krylov import KrylovBasis
 from analysis.hessian.lanczos import krylov_dtype, lanczos_step, random_unit_rows, tridiagonal
 from analysis.hessian.protocol import LinearOperator, SingleAsBatch, check_operator, operator_device
-from analysis.hessian.results import DensityResult
+from analysis.hessian.results import DensityResult, EigenResult
 
 
 def _quadrature(
@@ -38,6 +38,29 @@ def _quadrature(
     return theta[0], vecs[0, 0, :].square(), m
 
 
+def _reused_rule(
+    op: LinearOperator, reuse: EigenResult | None, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """The quadrature rule of a finished Lanczos run, or None when it cannot serve: no
+    recorded run, another operator's, or fewer than ``steps`` steps that did not end in an
+    invariant subspace (where the rule is already exact)."""
+    if reuse is None or reuse.krylov is None:
+        return None
+    vectors = reuse.eigenvectors
+    if vectors is None or vectors.shape[-1] != int(op.size):
+        raise ValueError(
+            f"reuse: a lanczos result of an operator of size {op.size} is needed, got "
+            f"eigenvectors of shape {None if vectors is None else tuple(vectors.shape)}"
+        )
+    alpha, beta = reuse.krylov
+    n = len(alpha)
+    if n < steps and n == reuse.n_iterations:  # stopped early, not at an invariant space
+        return None
+    m = min(n, steps)
+    theta, vecs = torch.linalg.eigh(tridiagonal(alpha[None, :m], beta[None, : m - 1]))
+    return theta[0], vecs[0, 0, :].square(), m
+
+
 def slq_density(
     op: LinearOperator,
     n_probes: int = 10,
@@ -45,12 +68,18 @@ def slq_density(
     sigma: float | None = None,
     grid_size: int = 1000,
     seed: int = 0,
+    reuse: EigenResult | None = None,
 ) -> DensityResult:
     """The eigenvalue density of a symmetric operator, smoothed by Gaussians of width ``sigma``.
 
     Each probe contributes a ``steps``-point Gauss quadrature rule; the result averages the
     probes. ``sigma`` defaults to 1% of the spectral range found. The density integrates
     to 1 over the returned grid, which spans the nodes plus 5 sigma on each side.
+
+    ``reuse`` (a ``lanczos`` result of this operator that ran at least ``steps`` steps, see
+    its ``min_iter``) is taken as the first probe without a product: a Lanczos run from a
+    random unit vector is exactly that probe's quadrature rule. ``n_matvecs`` counts only
+    the new products.
     """
     check_operator(op)
     if n_probes < 1 or steps < 1 or grid_size < 2:
@@ -63,10 +92,14 @@ def slq_density(
     nodes = torch.full((n_probes, steps), float("nan"), dtype=torch.float64)
     weights = torch.zeros(n_probes, steps, dtype=torch.float64)
     n_matvecs = 0
+    reused = _reused_rule(op, reuse, steps)
     for p in range(n_probes):
-        theta, w, m = _quadrature(op, steps, gen)
+        if p == 0 and reused is not None:
+            theta, w, m = reused
+        else:
+            theta, w, m = _quadrature(op, steps, gen)
+            n_matvecs += m
         nodes[p, :m], weights[p, :m] = theta, w
-        n_matvecs += m
     finite = nodes[~nodes.isnan()]
     lo, hi = float(finite.min()), float(finite.max())
     if sigma is None:

@@ -41,6 +41,7 @@ class LanczosOutcome:
     n_matvecs: int
     n_iterations: int
     true_residuals: torch.Tensor | None = None
+    krylov: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def random_unit_rows(
@@ -167,6 +168,8 @@ def batched_lanczos(
     criterion: str = "residual",
     keep_products: bool = False,
     basis_dtype: torch.dtype | None = None,
+    min_iter: int = 0,
+    record_krylov: bool = False,
 ) -> LanczosOutcome:
     """Wanted eigenpairs of every row's operator by Lanczos with full re-orthogonalisation.
 
@@ -183,7 +186,9 @@ def batched_lanczos(
     ``keep_products`` stores every product so the true residuals ``||A x - theta x||``
     come out exact without another product (at the memory of a second basis). The basis
     and the three-term recurrence are float64 unless ``basis_dtype`` says otherwise
-    (``krylov_dtype``).
+    (``krylov_dtype``). ``min_iter`` keeps every row going for at least that many steps
+    (its Krylov run then doubles as a quadrature probe); ``record_krylov`` returns each
+    row's recurrence up to its first restart.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
@@ -197,6 +202,7 @@ def batched_lanczos(
     m_max = min(d, max_iter if max_iter is not None else max(30 * k, 300))
     if m_max < k:
         raise ValueError(f"max_iter={max_iter} is smaller than k={k}")
+    min_iter = min(min_iter, m_max)
     dtype, device = bop.dtype, torch.device(bop.device)
     work = basis_dtype or krylov_dtype(device)
     # Below this a coupling is round-off: treating it as an invariant subspace (and
@@ -214,6 +220,8 @@ def batched_lanczos(
     alpha = torch.zeros(b, m_max, dtype=torch.float64)
     beta = torch.zeros(b, m_max, dtype=torch.float64)
     block_start = torch.zeros(b, dtype=torch.long)
+    first_restart = torch.full((b,), m_max, dtype=torch.long)
+    out_krylov: list | None = [None] * b if record_krylov else None
 
     out_vals = torch.zeros(b, kk, dtype=torch.float64)
     out_res = torch.zeros(b, kk, dtype=torch.float64)
@@ -246,7 +254,7 @@ def batched_lanczos(
         restarted = block_start > 0
         check_block = restarted | breakdown
         block_ok = _block_rule(theta, vecs, ritz_res, block_start, k, which, tol_abs)
-        done = (wanted_ok & (~check_block | block_ok)) | full
+        done = (wanted_ok & (~check_block | block_ok) & (m >= min_iter)) | full
         last = m == m_max
         finish = done | torch.full_like(done, last)
 
@@ -261,6 +269,10 @@ def batched_lanczos(
             x = basis.combine(s, f)
             if out_vecs is not None:
                 out_vecs[orig] = x.to(dtype)
+            if out_krylov is not None:
+                for i, row in zip(f.tolist(), orig.tolist(), strict=True):
+                    n = min(m, int(first_restart[i]))
+                    out_krylov[row] = (alpha[i, :n].clone(), beta[i, : n - 1].clone())
             if products is not None:
                 # A x - theta x = P s - Q (s theta), accumulated in place in the basis'
                 # precision (the result's size is the largest temporary here).
@@ -274,6 +286,7 @@ def batched_lanczos(
         if len(keep) < len(rows):
             rows, alpha, beta = rows[keep], alpha[keep], beta[keep]
             block_start, w, bn, breakdown = block_start[keep], w[keep], bn[keep], breakdown[keep]
+            first_restart = first_restart[keep]
             basis.keep_rows(keep)
             if products is not None:
                 products.keep_rows(keep)
@@ -286,6 +299,7 @@ def batched_lanczos(
             bn = bn.clone()
             bn[r] = 0.0
             block_start[r] = m
+            first_restart[r] = torch.clamp(first_restart[r], max=m)
         beta[:, j] = bn
         basis.append(nxt)
 
@@ -297,6 +311,7 @@ def batched_lanczos(
         n_matvecs=n_matvecs,
         n_iterations=j + 1,
         true_residuals=out_true,
+        krylov=out_krylov,
     )
 
 
@@ -323,6 +338,7 @@ def lanczos(
     which: str = "largest",
     max_iter: int | None = None,
     criterion: str = "residual",
+    min_iter: int = 0,
 ) -> EigenResult:
     """The ``k`` largest (or smallest) eigenpairs of a symmetric operator.
 
@@ -331,7 +347,8 @@ def lanczos(
     "eigenvalue"`` stops once each eigenvalue's estimated relative error is below ``tol``
     (fewer products when the eigenvectors matter less). The returned residuals are the true
     ``||A x - lambda x||``, from the kept products (no extra product); a run that hit
-    ``max_iter`` warns and says so.
+    ``max_iter`` warns and says so. ``min_iter`` runs at least that many steps, so that
+    ``slq_density(reuse=result)`` can take the run as a probe of that many steps.
     """
     check_operator(op)
     if which not in ("largest", "smallest"):
@@ -347,6 +364,8 @@ def lanczos(
         seed=seed,
         criterion=criterion,
         keep_products=True,
+        min_iter=min_iter,
+        record_krylov=True,
     )
     values = out.eigenvalues[0]
     vectors = out.eigenvectors[0]
@@ -369,4 +388,5 @@ def lanczos(
         converged=converged,
         n_matvecs=out.n_matvecs,
         n_iterations=out.n_iterations,
+        krylov=out.krylov[0],
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,12 @@ class EigenResult:
     converged: bool
     n_matvecs: int
     n_iterations: int
+    # Lanczos only: (alpha, beta) of the recurrence from its random start vector up to the
+    # first restart (float64, CPU). Its leading s x s block is the s-step Gauss quadrature
+    # rule of that start vector, which ``slq_density(reuse=...)`` takes as a probe.
+    krylov: tuple[torch.Tensor, torch.Tensor] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     @property
     def lambda_max(self) -> float:

@@ -96,6 +96,26 @@ def test_deflation_that_does_not_fit_is_refused_and_a_full_one_is_exact():
     assert res.converged and res.n_probes == 0 and res.stderr == 0.0
 
 
+def test_a_lanczos_run_is_reused_as_the_same_quadrature_probe():
+    op = DenseOperator(matrix_with_spectrum(torch.linspace(-2, 6, 120), seed=3))
+    fresh = slq_density(op, n_probes=1, steps=30, seed=7)
+    top = lanczos(op, k=2, tol=1e-3, seed=7, min_iter=30)  # same start vector as seed 7
+    assert top.n_iterations >= 30
+    calls = op.calls
+    reused = slq_density(op, n_probes=1, steps=30, seed=99, reuse=top)
+    assert op.calls == calls and reused.n_matvecs == 0
+    torch.testing.assert_close(reused.nodes, fresh.nodes, rtol=0, atol=1e-10)
+    torch.testing.assert_close(reused.weights, fresh.weights, rtol=0, atol=1e-10)
+    more = slq_density(op, n_probes=3, steps=30, seed=99, reuse=top)
+    assert more.n_matvecs == 60  # the two further probes only
+    short = lanczos(op, k=2, tol=1e-3, seed=7)  # stopped before 50 steps: not reusable
+    assert short.n_iterations < 50
+    assert slq_density(op, n_probes=1, steps=50, seed=7, reuse=short).n_matvecs == 50
+    with pytest.raises(ValueError, match="reuse: a lanczos result of an operator of size"):
+        other = DenseOperator(matrix_with_spectrum(torch.linspace(1, 2, 40)))
+        slq_density(op, steps=30, reuse=lanczos(other, k=1, min_iter=30))
+
+
 def test_density_integrates_to_one_and_matches_moments():
     values = torch.cat([torch.linspace(-1, 1, 150), torch.tensor([8.0, 9.0])])
     op = DenseOperator(matrix_with_spectrum(values, seed=3))
