@@ -77,9 +77,10 @@ class SpectrumReport:
     ``eigenvalues`` (descending), ``residuals`` (true ``||Hx - lambda x||``), ``converged``
     and ``n_matvecs`` come from Lanczos on the exact weight Hessian of the mean training
     loss (with the density on, that run takes at least ``density_steps`` steps and serves
-    as the density's first SLQ probe). ``trace``/``trace_stderr`` (Hutchinson) and ``density_grid``/``density`` (SLQ)
-    are None when not asked for. ``input_eig_max``/``input_eig_min`` hold, per test sample,
-    the largest and smallest eigenvalue of the Hessian of its loss w.r.t. its input.
+    as the density's first SLQ probe). ``trace``/``trace_stderr`` (Hutchinson) and
+    ``density_grid``/``density`` (SLQ) are None when not asked for.
+    ``input_eig_max``/``input_eig_min`` hold, per test sample, the largest and smallest
+    eigenvalue of the Hessian of its loss w.r.t. its input.
 
     ``neg_fraction`` is the fraction of those samples whose smallest input-Hessian
     eigenvalue is below ``-r * |largest|`` with ``r = max(1e-6, tol)``: clearly negative,
