@@ -42,8 +42,8 @@ def _reused_rule(
     op: LinearOperator, reuse: EigenResult | None, steps: int
 ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """The quadrature rule of a finished Lanczos run, or None when it cannot serve: no
-    recorded run, another operator's, or fewer than ``steps`` steps that did not end in an
-    invariant subspace (where the rule is already exact)."""
+    recorded run (``min_iter`` unset), another operator's, or fewer than ``steps`` forced
+    steps that did not end in an invariant subspace (where the rule is already exact)."""
     if reuse is None or reuse.krylov is None:
         return None
     vectors = reuse.eigenvectors
@@ -52,9 +52,9 @@ def _reused_rule(
             f"reuse: a lanczos result of an operator of size {op.size} is needed, got "
             f"eigenvectors of shape {None if vectors is None else tuple(vectors.shape)}"
         )
-    alpha, beta = reuse.krylov
+    alpha, beta, invariant = reuse.krylov
     n = len(alpha)
-    if n < steps and n == reuse.n_iterations:  # stopped early, not at an invariant space
+    if n < steps and not invariant:
         return None
     m = min(n, steps)
     theta, vecs = torch.linalg.eigh(tridiagonal(alpha[None, :m], beta[None, : m - 1]))

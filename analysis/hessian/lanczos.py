@@ -41,7 +41,7 @@ class LanczosOutcome:
     n_matvecs: int
     n_iterations: int
     true_residuals: torch.Tensor | None = None
-    krylov: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    krylov: list[tuple[torch.Tensor, torch.Tensor, bool]] | None = None
 
 
 def random_unit_rows(
@@ -188,7 +188,8 @@ def batched_lanczos(
     and the three-term recurrence are float64 unless ``basis_dtype`` says otherwise
     (``krylov_dtype``). ``min_iter`` keeps every row going for at least that many steps
     (its Krylov run then doubles as a quadrature probe); ``record_krylov`` returns each
-    row's recurrence up to its first restart.
+    row's recurrence over those forced steps, up to its first restart (and whether that
+    restart came first: an invariant subspace).
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
@@ -202,7 +203,10 @@ def batched_lanczos(
     m_max = min(d, max_iter if max_iter is not None else max(30 * k, 300))
     if m_max < k:
         raise ValueError(f"max_iter={max_iter} is smaller than k={k}")
-    min_iter = min(min_iter, m_max)
+    if min_iter >= m_max and m_max < d:
+        # forcing every step up to the budget would judge convergence only at its last
+        # step (a Ritz value then still settling reads as a failure): the floor is dropped
+        min_iter = 0
     dtype, device = bop.dtype, torch.device(bop.device)
     work = basis_dtype or krylov_dtype(device)
     # Below this a coupling is round-off: treating it as an invariant subspace (and
@@ -269,10 +273,14 @@ def batched_lanczos(
             x = basis.combine(s, f)
             if out_vecs is not None:
                 out_vecs[orig] = x.to(dtype)
-            if out_krylov is not None:
+            if out_krylov is not None and min_iter > 0:
+                # only the forced steps: how far a run goes past them depends on its start
+                # vector, and a probe kept for that reason would be a biased one
+                forced = min(m, min_iter)
                 for i, row in zip(f.tolist(), orig.tolist(), strict=True):
-                    n = min(m, int(first_restart[i]))
-                    out_krylov[row] = (alpha[i, :n].clone(), beta[i, : n - 1].clone())
+                    n = min(forced, int(first_restart[i]))
+                    invariant = int(first_restart[i]) < forced
+                    out_krylov[row] = (alpha[i, :n].clone(), beta[i, : n - 1].clone(), invariant)
             if products is not None:
                 # A x - theta x = P s - Q (s theta), accumulated in place in the basis'
                 # precision (the result's size is the largest temporary here).
@@ -388,5 +396,5 @@ def lanczos(
         converged=converged,
         n_matvecs=out.n_matvecs,
         n_iterations=out.n_iterations,
-        krylov=out.krylov[0],
+        krylov=out.krylov[0] if out.krylov else None,
     )

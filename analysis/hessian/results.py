@@ -24,10 +24,11 @@ class EigenResult:
     converged: bool
     n_matvecs: int
     n_iterations: int
-    # Lanczos only: (alpha, beta) of the recurrence from its random start vector up to the
-    # first restart (float64, CPU). Its leading s x s block is the s-step Gauss quadrature
-    # rule of that start vector, which ``slq_density(reuse=...)`` takes as a probe.
-    krylov: tuple[torch.Tensor, torch.Tensor] | None = field(
+    # Lanczos with ``min_iter`` only: (alpha, beta, invariant) of the recurrence from its
+    # random start vector over the forced steps, up to a first restart (float64, CPU;
+    # ``invariant``: a restart ended it early). Its leading s x s block is the s-step Gauss
+    # quadrature rule of that start vector, which ``slq_density(reuse=...)`` takes.
+    krylov: tuple[torch.Tensor, torch.Tensor, bool] | None = field(
         default=None, compare=False, repr=False
     )
 

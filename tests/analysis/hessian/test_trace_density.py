@@ -111,9 +111,22 @@ def test_a_lanczos_run_is_reused_as_the_same_quadrature_probe():
     short = lanczos(op, k=2, tol=1e-3, seed=7)  # stopped before 50 steps: not reusable
     assert short.n_iterations < 50
     assert slq_density(op, n_probes=1, steps=50, seed=7, reuse=short).n_matvecs == 50
+    # only forced steps count: how far a run goes on its own depends on its start vector
+    unforced = lanczos(op, k=2, tol=1e-9, seed=7, min_iter=10)
+    assert unforced.n_iterations >= 30
+    assert slq_density(op, n_probes=1, steps=30, seed=7, reuse=unforced).n_matvecs == 30
     with pytest.raises(ValueError, match="reuse: a lanczos result of an operator of size"):
         other = DenseOperator(matrix_with_spectrum(torch.linspace(1, 2, 40)))
         slq_density(op, steps=30, reuse=lanczos(other, k=1, min_iter=30))
+
+
+def test_a_step_floor_at_the_whole_budget_is_dropped_not_turned_into_a_failure():
+    spectrum = torch.cat([torch.full((5,), 2.0), torch.linspace(-1, 1, 115)])
+    op = DenseOperator(matrix_with_spectrum(spectrum.double(), seed=2))
+    free = lanczos(op, k=3, max_iter=60, tol=1e-3, seed=1)
+    floored = lanczos(op, k=3, max_iter=60, tol=1e-3, seed=1, min_iter=60)
+    assert free.converged and floored.converged
+    assert floored.n_iterations == free.n_iterations < 60
 
 
 def test_density_integrates_to_one_and_matches_moments():
