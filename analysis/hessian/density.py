@@ -34,8 +34,14 @@ def _quadrature(
             break
         beta[:, j] = bnorm.double().cpu()
         basis.append(w / bnorm[:, None])
-    theta, vecs = torch.linalg.eigh(tridiagonal(alpha[:, :m], beta[:, : m - 1]))
-    return theta[0], vecs[0, 0, :].square(), m
+    return _gauss_rule(alpha[0, :m], beta[0, : m - 1])
+
+
+def _gauss_rule(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Nodes, weights and size of the Gauss quadrature rule of a Lanczos tridiagonal (the
+    weights are the squared first components of its eigenvectors)."""
+    theta, vecs = torch.linalg.eigh(tridiagonal(alpha[None], beta[None]))
+    return theta[0], vecs[0, 0, :].square(), len(alpha)
 
 
 def _reused_rule(
@@ -57,8 +63,7 @@ def _reused_rule(
     if n < steps and not invariant:
         return None
     m = min(n, steps)
-    theta, vecs = torch.linalg.eigh(tridiagonal(alpha[None, :m], beta[None, : m - 1]))
-    return theta[0], vecs[0, 0, :].square(), m
+    return _gauss_rule(alpha[:m], beta[: m - 1])
 
 
 def slq_density(
