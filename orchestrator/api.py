@@ -21,6 +21,7 @@ from orchestrator.spec import Experiment
 from orchestrator.storage import (
     checkpoint_location,
     exists,
+    is_uri,
     join,
     read_text,
     subfolders,
@@ -131,7 +132,7 @@ def find_sweep_dir(name_or_dir: str, storage: str = "runs/ray") -> str:
     (``demo`` never picks a sweep of ``demo-big``), the newest by that timestamp.
     """
     if exists(join(name_or_dir, STATE_FILE)):
-        return name_or_dir if "://" in name_or_dir else str(Path(name_or_dir).resolve())
+        return name_or_dir if is_uri(name_or_dir) else str(Path(name_or_dir).resolve())
     root = storage_path(storage)
     pattern = re.compile(rf"{re.escape(name_or_dir)}-\d{{8}}-\d{{6}}")
     found = [

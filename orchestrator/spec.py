@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -54,6 +55,9 @@ def _trial_metric(metric: str) -> str:
     if metric not in TRIAL_METRICS:
         raise ValueError(f"not a metric trials report; use one of {', '.join(TRIAL_METRICS)}")
     return metric
+
+
+TrialMetric = Annotated[str, AfterValidator(_trial_metric)]
 
 
 def _is_number(value: Any) -> bool:
@@ -106,7 +110,7 @@ class SearchSpec(_Strict):
     space: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
     num_samples: int = Field(1, ge=1)
     scheduler: Literal["none", "asha"] = "none"
-    metric: str = "train/loss"
+    metric: TrialMetric = "train/loss"
     mode: Literal["min", "max"] = "min"
     grace_period: int = Field(1, ge=1)
 
@@ -159,22 +163,12 @@ class SearchSpec(_Strict):
                 )
         return space
 
-    @field_validator("metric")
-    @classmethod
-    def _metric(cls, metric: str) -> str:
-        return _trial_metric(metric)
-
 
 class SelectSpec(_Strict):
     """Keep only the best trial of each (batch size, robust, seed) cell by a final metric."""
 
-    metric: str = "test/acc"
+    metric: TrialMetric = "test/acc"
     mode: Literal["min", "max"] = "max"
-
-    @field_validator("metric")
-    @classmethod
-    def _metric(cls, metric: str) -> str:
-        return _trial_metric(metric)
 
 
 class HessianSpec(_Strict):
@@ -284,9 +278,9 @@ class Experiment(_Strict):
     @model_validator(mode="after")
     def _check_trials(self) -> Experiment:
         """Every grid cell, and every value of every search key, must be a valid training
-        config for the trainable (a bad one would otherwise fail only inside its trial)."""
-        checks = self.trial_configs() + self._search_variants()
-        for config in checks:
+        config for the trainable (a bad one would otherwise fail only inside its trial),
+        reporting the metrics selection and ASHA read."""
+        for config in self.trial_configs() + self._search_variants():
             try:
                 parsed = parse_config(config)
                 size = KNOWN_TRAIN_SIZES.get(self.dataset)
@@ -297,6 +291,7 @@ class Experiment(_Strict):
                 for key in self.search.space if self.search else ():
                     message = message.replace(f"training.{key}:", f"search.space.{key}:")
                 raise ValueError(message) from None
+            self._check_metrics(parsed)
         return self
 
     @model_validator(mode="after")
@@ -310,28 +305,23 @@ class Experiment(_Strict):
             )
         return self
 
-    @model_validator(mode="after")
-    def _check_metrics(self) -> Experiment:
+    def _check_metrics(self, cfg: TrainConfig) -> None:
         """Selection and ASHA read a metric from each trial's latest result: it must be
-        there (not NaN, not missing) whatever epoch a trial stops at, in every cell and for
-        every search value."""
+        there (not NaN, not missing) whatever epoch a trial with ``cfg`` stops at."""
         uses = [("select.metric", self.select.metric, False)] if self.select else []
         if self.search and self.search.scheduler == "asha":
             uses.append(("search.metric", self.search.metric, True))
-        for config in self.trial_configs() + self._search_variants():
-            cfg = parse_config(config)
-            for field, metric, every_epoch in uses:
-                if metric == CURVATURE_KEY and not _curvature_in_last_result(cfg, every_epoch):
-                    raise ValueError(
-                        f"{field}: {metric} is in a trial's result only on epochs that are "
-                        "multiples of training.hessian_every; set training.hessian_every: 1"
-                    )
-                if metric == "test/adv_acc" and cfg.eval_attack.method == "none":
-                    raise ValueError(
-                        f"{field}: test/adv_acc is NaN without training.eval_attack; set one "
-                        "or pick another metric"
-                    )
-        return self
+        for field, metric, every_epoch in uses:
+            if metric == CURVATURE_KEY and not _curvature_in_last_result(cfg, every_epoch):
+                raise ValueError(
+                    f"{field}: {metric} is in a trial's result only on epochs that are "
+                    "multiples of training.hessian_every; set training.hessian_every: 1"
+                )
+            if metric == "test/adv_acc" and cfg.eval_attack.method == "none":
+                raise ValueError(
+                    f"{field}: test/adv_acc is NaN without training.eval_attack; set one "
+                    "or pick another metric"
+                )
 
     def trial_configs(self) -> list[dict[str, Any]]:
         """Each grid cell's training config, with search keys at their first value."""
