@@ -50,7 +50,8 @@ def trial_row(
         "batch_size": batch,
         "robust": robust,
         "seed": seed,
-        "lr": float(config.get("lr", float("nan"))),
+        # the lr trained at (after lr_scaling); the config's is the base lr before it
+        "lr": _num(last.get("peak_lr", config.get("lr"))),
         "epochs": int(last.get("epoch", 0)),
         "train_loss": _num(last.get("train/loss")),
         "test_acc": _num(last.get("test/acc")),

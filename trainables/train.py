@@ -52,6 +52,7 @@ METRIC_KEYS = (
     "test/adv_acc",
     "grad_norm",
     "lr",
+    "peak_lr",
     "converged",
     "diverged",
 )
@@ -219,13 +220,20 @@ def _steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
     return math.ceil(n_train / cfg.resolve_batch_size(n_train))
 
 
+def _peak_lr(cfg: TrainConfig, n_train: int) -> float:
+    """The lr after `lr_scaling` for this batch size: what warmup rises to and schedules decay."""
+    return scaled_lr(cfg.lr, cfg.resolve_batch_size(n_train), cfg.base_batch_size, cfg.lr_scaling)
+
+
 def _new_state(cfg: TrainConfig, data: DataSplits, device: torch.device) -> _State:
     """Fresh model, SGD optimizer, per-step scheduler and seeded generators."""
     model = _build_model(cfg, data).to(device)
     n_train = len(data.train)
-    peak = scaled_lr(cfg.lr, cfg.resolve_batch_size(n_train), cfg.base_batch_size, cfg.lr_scaling)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=peak, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        model.parameters(),
+        lr=_peak_lr(cfg, n_train),
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
     )
     scheduler = make_scheduler(optimizer, _steps_per_epoch(cfg, n_train), cfg)
     generators = {
@@ -286,7 +294,7 @@ def _run(
         grad_norm, lr, step_diverged = _train_epoch(cfg, state, x_train, y_train)
         state.epoch += 1
         metrics = _epoch_metrics(cfg, state, (x_train, y_train), (x_test, y_test))
-        metrics.update(grad_norm=grad_norm, lr=lr)
+        metrics.update(grad_norm=grad_norm, lr=lr, peak_lr=_peak_lr(cfg, len(y_train)))
         diverged = step_diverged or not math.isfinite(metrics["train/loss"])
         if cfg.hessian_every and state.epoch % cfg.hessian_every == 0 and not diverged:
             metrics[CURVATURE_KEY] = curvature(state.model, x_train, y_train, cfg.seed)

@@ -1,4 +1,4 @@
-"""The results table: a trial without a training-loss target has no 'reached target'."""
+"""The results table: the lr trained at, and 'reached target' only where there is one."""
 
 from __future__ import annotations
 
@@ -19,3 +19,9 @@ def test_reached_target_is_blank_without_a_target_and_yes_or_no_with_one():
     col = [c.strip() for c in header.strip("|").split("|")].index("reached_target")
     cells = [[c.strip() for c in line.strip("|").split("|")][col] for line in lines]
     assert sorted(cells) == ["-", "no", "yes"]
+
+
+def test_lr_column_is_the_lr_trained_at_not_the_base_lr():
+    scaled = trial_row("a", "r1", {**CONFIG, "lr_scaling": "sqrt"}, {**LAST, "peak_lr": 0.4}, {})
+    assert scaled["lr"] == 0.4
+    assert trial_row("b", "r2", CONFIG, LAST, {})["lr"] == 0.1  # a result without peak_lr

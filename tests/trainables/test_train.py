@@ -112,6 +112,14 @@ def test_reported_lr_follows_the_scaling_rule(batch_size: Any, rule: str, expect
     cfg = {**QUICK, "lr": 0.1, "base_batch_size": 64, "lr_scaling": rule, "batch_size": batch_size}
     result = fit({**cfg, "max_epochs": 1})
     assert result.history[0]["lr"] == pytest.approx(expected)
+    assert result.history[0]["peak_lr"] == pytest.approx(expected)
+
+
+def test_peak_lr_is_the_scaled_lr_while_lr_follows_the_schedule() -> None:
+    cfg = {**QUICK, "lr": 0.1, "lr_scaling": "sqrt", "batch_size": 16, "lr_schedule": "cosine"}
+    history = fit({**cfg, "max_epochs": 3}).history
+    assert [h["peak_lr"] for h in history] == pytest.approx([0.05] * 3)  # 0.1 * sqrt(16 / 64)
+    assert history[-1]["lr"] < 0.2 * history[-1]["peak_lr"]  # the cosine's last steps
 
 
 def test_step_decay_warmup_and_cosine_factors() -> None:
