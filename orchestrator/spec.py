@@ -6,6 +6,7 @@ reported with the field, the bad value and what is allowed, and nothing is writt
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from pathlib import Path
@@ -25,7 +26,7 @@ from pydantic import (
 
 from orchestrator.errors import UserInputError
 from orchestrator.redact import redact
-from trainables.config import ConfigError, TrainConfig, parse_config
+from trainables.config import ConfigError, TrainConfig, parse_config, text_number_hint
 from trainables.train import CURVATURE_KEY, METRIC_KEYS
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -224,16 +225,23 @@ class Experiment(_Strict):
     tracking_uri: str | None = None
     description: str = ""
 
+    @field_validator("batch_sizes", mode="before")
+    @classmethod
+    def _batch_values(cls, sizes: Any) -> Any:
+        """One line per bad batch size (the int-or-"full" type alone reports two per value)."""
+        for i, b in enumerate(sizes if isinstance(sizes, list) else ()):
+            if b != "full" and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+                raise ValueError(
+                    f"batch_sizes[{i}]: got {b!r}{text_number_hint(b, integer=True)}; "
+                    'expected a positive integer or "full"'
+                )
+        return sizes
+
     @field_validator("batch_sizes")
     @classmethod
-    def _positive_unique(cls, sizes: list[int | str]) -> list[int | str]:
-        for i, b in enumerate(sizes):
-            if b != "full" and (isinstance(b, bool) or b < 1):
-                raise ValueError(
-                    f"batch_sizes[{i}] must be a positive integer or 'full', got {b!r}"
-                )
+    def _unique(cls, sizes: list[int | str]) -> list[int | str]:
         if len(set(map(str, sizes))) != len(sizes):
-            raise ValueError(f"batch_sizes has duplicates: {sizes}")
+            raise ValueError(f"batch_sizes: duplicates in {sizes}; list each batch size once")
         return sizes
 
     @field_validator("robust")
@@ -253,7 +261,7 @@ class Experiment(_Strict):
     @classmethod
     def _seeds(cls, seeds: list[int]) -> list[int]:
         if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds must be distinct integers >= 0, got {seeds}")
+            raise ValueError(f"seeds: got {seeds}; expected distinct integers >= 0")
         return seeds
 
     @field_validator("training")
@@ -261,9 +269,8 @@ class Experiment(_Strict):
     def _training_keys(cls, training: dict[str, Any]) -> dict[str, Any]:
         for key in training:
             if key not in _TRAINING_KEYS:
-                hint = " (set it at the top level of the spec)" if key in TOP_LEVEL_KEYS else ""
                 raise ValueError(
-                    f"training.{key}: unknown training key{hint}; allowed: "
+                    f"training.{key}: unknown training key{_training_key_hint(key)}; allowed: "
                     f"{', '.join(sorted(_TRAINING_KEYS))}"
                 )
         return training
@@ -291,8 +298,20 @@ class Experiment(_Strict):
                 for key in self.search.space if self.search else ():
                     message = message.replace(f"training.{key}:", f"search.space.{key}:")
                 raise ValueError(message) from None
+            self._check_device(parsed)
             self._check_metrics(parsed)
         return self
+
+    def _check_device(self, cfg: TrainConfig) -> None:
+        """A trial on CUDA needs a GPU from Ray: one given 0 GPUs sees none and fails."""
+        if cfg.device.startswith("cuda") and self.resources.gpus == 0:
+            space = self.search.space if self.search else {}
+            field = "search.space.device" if "device" in space else "training.device"
+            raise ValueError(
+                f"{field}: {cfg.device!r} needs a GPU, but resources.gpus is 0 and Ray hides "
+                "every GPU from a trial given none, so each trial would fail; set "
+                "resources.gpus > 0 (e.g. 0.25) or use device auto"
+            )
 
     @model_validator(mode="after")
     def _check_actors(self) -> Experiment:
@@ -384,11 +403,17 @@ class Experiment(_Strict):
             raise UserInputError(format_errors(source, err)) from None
 
     def with_overrides(self, **overrides: Any) -> Experiment:
-        """A new validated Experiment with fields replaced; dotted keys reach nested fields."""
+        """A new validated Experiment with fields replaced; dotted keys reach nested fields.
+
+        Errors name the ``--set`` keys that caused them (all of them when none matches)."""
         data = self.model_dump(exclude_none=False)
-        for key, value in overrides.items():
-            set_dotted(data, key.replace("__", "."), value)
-        return Experiment.from_dict(data, source="overrides")
+        keys = [key.replace("__", ".") for key in overrides]
+        for key, value in zip(keys, overrides.values(), strict=True):
+            set_dotted(data, key, value)
+        try:
+            return Experiment.model_validate(data)
+        except ValidationError as err:
+            raise UserInputError(format_errors(_override_source(keys, err), err)) from None
 
     def to_param_space(self) -> dict[str, Any]:
         """The Tune param_space: grid over batch size x robust x seed, plus search spaces."""
@@ -423,6 +448,33 @@ def _curvature_in_last_result(cfg: TrainConfig, every_epoch: bool) -> bool:
     if every == 1:
         return True
     return not every_epoch and cfg.target_train_loss is None and cfg.max_epochs % every == 0
+
+
+def _training_key_hint(key: str) -> str:
+    """Where a misplaced or misspelled training key belongs: the top level, or a close key."""
+    if key in TOP_LEVEL_KEYS:
+        return " (set it at the top level of the spec)"
+    close = difflib.get_close_matches(key, sorted(_TRAINING_KEYS), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _override_source(keys: list[str], err: ValidationError) -> str:
+    """The ``--set`` keys whose fields the errors name, so the user sees which one to fix."""
+    fields = [_error_field(e) for e in err.errors()]
+    hit = [k for k in keys if any(_same_field(k, f) for f in fields)]
+    return ", ".join(f"--set {k}" for k in hit or keys)
+
+
+def _error_field(error: Any) -> str:
+    """The dotted spec field a pydantic error is about (a model check names it in its text)."""
+    loc = ".".join(str(p) for p in error["loc"])
+    return loc or re.split(r"[:\s]", _error_text(error), maxsplit=1)[0]
+
+
+def _same_field(key: str, field: str) -> bool:
+    """Whether ``--set key`` sets ``field``, a field inside it, or a mapping holding it."""
+    short, long = sorted((key, field), key=len)
+    return long == short or long.startswith((f"{short}.", f"{short}["))
 
 
 def _batch_rank(batch: int | str) -> float:
@@ -460,27 +512,59 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``data['a']['b'] = value`` for ``dotted='a.b'``, creating mappings as needed."""
     parts = dotted.split(".")
     node = data
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         if node.get(part) is None:
             node[part] = {}
         if not isinstance(node[part], dict):
-            raise UserInputError(f"cannot set {dotted!r}: {part!r} is not a mapping")
+            field = ".".join(parts[: i + 1])
+            raise UserInputError(f"--set {dotted}: {_not_a_mapping(field, node[part])}")
         node = node[part]
     node[parts[-1]] = value
+
+
+def _not_a_mapping(field: str, current: Any) -> str:
+    """Why ``field`` has no sub-keys to set, and how to set it whole instead."""
+    if field == "robust":
+        return (
+            "robust is a list of settings, not a mapping; set the whole list, e.g. "
+            "--set robust='[{method: fgsm, epsilon: 0.2}]'"
+        )
+    if isinstance(current, list):
+        return f"{field} is a list, not a mapping; set the whole list, e.g. --set {field}=[...]"
+    return f"{field} is not a mapping; set it whole, e.g. --set {field}=VALUE"
 
 
 def format_errors(source: str, err: ValidationError) -> str:
     """One line per problem: ``field: message (got value)``."""
     lines = [f"{source}: {err.error_count()} problem(s) in the experiment spec:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling (see experiments/demo.yaml for every field)"
-        got = e.get("input")
-        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"  - {loc}: {msg}{shown}" if loc else f"  - {msg}")
+    lines += [f"  - {_error_line(e)}" for e in err.errors()]
     return "\n".join(lines)
+
+
+def _error_line(error: Any) -> str:
+    """``field: message (got value)``, the field once even when the message names it."""
+    loc = ".".join(str(p) for p in error["loc"])
+    msg = _error_text(error)
+    if not loc or _same_field(loc, re.split(r"[:\s]", msg, maxsplit=1)[0]):
+        return msg
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) or error["type"] == "missing" else f" (got {got!r})"
+    return f"{loc}: {msg}{shown}{_number_hint(error)}"
+
+
+def _error_text(error: Any) -> str:
+    """A pydantic error's message, without pydantic's prefix and in the spec's words."""
+    if error["type"] == "extra_forbidden":
+        return "unknown field; check the spelling (see experiments/demo.yaml for every field)"
+    return error["msg"].removeprefix("Value error, ")
+
+
+def _number_hint(error: Any) -> str:
+    """The text-number hint for a number field given a string such as ``'1e3'``."""
+    kind = error["type"]
+    if not kind.startswith(("int_", "float_")):
+        return ""
+    return text_number_hint(error.get("input"), integer=kind.startswith("int_"))
 
 
 def resolve_spec(spec: str) -> Path:

@@ -37,6 +37,13 @@ ROLE, TRIAL_ID, SWEEP_DIR = "hessweep.role", "hessweep.trial_id", "hessweep.swee
 PARENT = "mlflow.parentRunId"
 CHECKPOINT = "hessweep.checkpoint"
 PARAM_EXCLUDE = ("data_root", "device", "eval_batch_size")
+# The settings each attack method reads (trainables.attacks; adv_fraction is training's).
+ATTACK_USES = {
+    "none": ("method",),
+    "fgsm": ("method", "epsilon", "adv_fraction"),
+    "pgd": ("method", "epsilon", "steps", "step_size", "adv_fraction"),
+}
+ATTACK_PREFIXES = ("robust", "eval_attack")
 _BATCH = 900
 _LIVE: dict[str, TrackingCallback] = {}
 
@@ -98,8 +105,25 @@ def experiment_id(client: MlflowClient, name: str, artifacts: str = DEFAULT_ARTI
 
 
 def clean_params(flat: dict[str, Any]) -> dict[str, str]:
-    """Only real hyper-parameters, as MLflow param strings."""
-    return {k: "null" if v is None else str(v) for k, v in flat.items() if k not in PARAM_EXCLUDE}
+    """Only real hyper-parameters, as MLflow param strings (no settings a method ignores)."""
+    drop = {*PARAM_EXCLUDE, *_unused_attack_keys(flat)}
+    return {k: "null" if v is None else str(v) for k, v in flat.items() if k not in drop}
+
+
+def _unused_attack_keys(flat: dict[str, Any]) -> set[str]:
+    """``robust.*`` / ``eval_attack.*`` settings that the attack method beside them never
+    reads (PGD's steps under FGSM, any budget under none), so they are not hyper-parameters."""
+    unused = set()
+    for prefix in ATTACK_PREFIXES:
+        uses = ATTACK_USES.get(flat.get(f"{prefix}.method"))
+        if uses is None:
+            continue
+        unused |= {
+            key
+            for key in flat
+            if key.startswith(f"{prefix}.") and key.removeprefix(f"{prefix}.") not in uses
+        }
+    return unused
 
 
 def finite_metrics(metrics: dict[str, Any], step: int, keys: tuple[str, ...] | None = None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -20,6 +21,8 @@ from trainables.models import model_names
 LR_SCALINGS = ("linear", "none", "sqrt")
 LR_SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
+# Exponent notation that YAML 1.1 (PyYAML) reads as text: it needs a dot and a signed exponent.
+_TEXT_EXPONENT = re.compile(r"^([-+]?\d+)(\.\d*)?[eE]([-+]?)(\d+)$")
 
 
 class ConfigError(ValueError):
@@ -210,6 +213,28 @@ def _reject_unknown(prefix: str, given: Mapping[str, Any], cls: type) -> None:
             )
 
 
+def text_number_hint(value: Any, integer: bool = False) -> str:
+    """How to write a number that arrived as text (YAML reads ``1e-3`` as a string), or ''."""
+    if not isinstance(value, str):
+        return ""
+    text = value.strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return ""
+    if not math.isfinite(number) or (integer and not number.is_integer()):
+        return ""
+    match = _TEXT_EXPONENT.match(text)
+    fix = str(int(number)) if integer else text
+    if match is None:
+        return f" (text: write {fix} without quotes)"
+    mantissa, dot, sign, exponent = match.groups()
+    if not integer:
+        fix = f"{mantissa}{dot or '.0'}e{sign or '+'}{exponent}"
+    missing = "a sign in the exponent" if dot else "a dot"
+    return f" (text: YAML reads {text} without {missing} as a string; write {fix})"
+
+
 def _choice(key: str, value: Any, options: tuple[str, ...]) -> str:
     """A string that must be one of `options`."""
     if value not in options:
@@ -223,7 +248,10 @@ def _int(key: str, value: Any, low: int, also: str = "") -> int:
     """An integer >= low (bools and floats are refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         extra = f" {also}" if also else ""
-        raise ConfigError(f"config key {key!r}: got {value!r}; expected an integer >= {low}{extra}")
+        raise ConfigError(
+            f"config key {key!r}: got {value!r}{text_number_hint(value, integer=True)}; "
+            f"expected an integer >= {low}{extra}"
+        )
     return int(value)
 
 
@@ -253,7 +281,8 @@ def _real(
         bound = " and ".join(parts)
         extra = f" {also}" if also else ""
         raise ConfigError(
-            f"config key {key!r}: got {value!r}; expected a finite number {bound}{extra}"
+            f"config key {key!r}: got {value!r}{text_number_hint(value)}; "
+            f"expected a finite number {bound}{extra}"
         )
     return float(value)
 
@@ -337,4 +366,5 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "parse_config",
+    "text_number_hint",
 ]

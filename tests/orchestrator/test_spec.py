@@ -75,9 +75,9 @@ BAD = [
     ({"robust": [{"method": "pgd", "epsilon": 0.1, "steps": 0}]}, "robust.0.steps"),
     ({"robust": [{"method": "fgsm", "epsilon": 0.1, "adv_fraction": 1.5}]}, "adv_fraction"),
     ({"seeds": []}, "seeds"),
-    ({"seeds": [-1]}, "seeds must be distinct"),
+    ({"seeds": [-1]}, r"seeds: got \[-1\]; expected distinct integers >= 0"),
     ({"seeds": [True]}, "seeds.0"),
-    ({"batch_sizes": ["16"]}, "batch_sizes.0"),
+    ({"batch_sizes": ["16"]}, r"batch_sizes\[0\]: got '16' \(text: write 16 without quotes\)"),
     ({"model": "vgg99"}, "model"),
     ({"dataset": "imagenet"}, "dataset"),
     ({"foo": 1}, "foo: unknown field"),
@@ -196,3 +196,90 @@ def test_curvature_selection_is_allowed_when_the_last_epoch_reports_it():
                 "select": {"metric": CURV},
             }
         )
+
+
+def _validate_error(capsys, *sets: str) -> str:
+    """``hessweep validate demo --set ...``'s error text, checked to exit 2."""
+    args = ["validate", "demo"]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 2
+    return capsys.readouterr().err
+
+
+def test_cuda_trials_need_gpus(capsys):
+    err = _validate_error(capsys, "training.device=cuda")
+    assert "training.device: 'cuda' needs a GPU, but resources.gpus is 0" in err
+    assert "set resources.gpus > 0 (e.g. 0.25) or use device auto" in err
+    err = _validate_error(capsys, "search={space: {device: {choice: [cpu, 'cuda:0']}}}")
+    assert "search.space.device: 'cuda:0' needs a GPU" in err
+    assert (
+        main(["validate", "demo", "--set", "training.device=cuda", "--set", "resources.gpus=0.25"])
+        == 0
+    )
+
+
+TEXT_NUMBERS = [
+    (
+        "training.lr=1e-3",
+        "training.lr: got '1e-3' (text: YAML reads 1e-3 without a dot as a string; "
+        "write 1.0e-3); expected a finite number > 0.0",
+    ),
+    ("training.max_epochs=1e3", "training.max_epochs: got '1e3' (text: YAML reads 1e3"),
+    ("training.eval_attack={epsilon: 1E-1}", "training.eval_attack.epsilon: got '1E-1'"),
+    ("hessian.top_k=1e1", "hessian.top_k: Input should be a valid integer"),
+    ("search={space: {lr: {choice: [0.1, 1e-2]}}}", "search.space.lr: got '1e-2' (text:"),
+]
+
+
+@pytest.mark.parametrize(("item", "shown"), TEXT_NUMBERS, ids=[t[0] for t in TEXT_NUMBERS])
+def test_numbers_yaml_reads_as_text_get_the_fix(item, shown, capsys):
+    err = _validate_error(capsys, item)
+    assert shown in err
+    assert "without a dot as a string; write " in err
+
+
+@pytest.mark.parametrize(
+    ("item", "line"),
+    [
+        (
+            "batch_sizes=[16,1e3]",
+            "batch_sizes[1]: got '1e3' (text: YAML reads 1e3 without a dot as a string; "
+            'write 1000); expected a positive integer or "full"',
+        ),
+        (
+            "batch_sizes=[Full]",
+            "batch_sizes[0]: got 'Full'; expected a positive integer or \"full\"",
+        ),
+    ],
+)
+def test_a_bad_batch_size_is_one_line(item, line, capsys):
+    err = _validate_error(capsys, item)
+    assert "1 problem(s)" in err and f"  - {line}\n" in err
+
+
+def test_a_misspelled_training_key_is_named_once_with_the_close_key(capsys):
+    err = _validate_error(capsys, "training.max_epoch=3")
+    assert "training: training" not in err
+    assert "  - training.max_epoch: unknown training key (did you mean max_epochs?)" in err
+
+
+def test_field_messages_do_not_repeat_the_field(capsys):
+    err = _validate_error(capsys, "robust=[{method: none}, {method: none}]")
+    assert "  - robust[1] and robust[0] are both 'none'" in err
+
+
+def test_setting_inside_robust_says_to_set_the_whole_list(capsys):
+    err = _validate_error(capsys, "robust.epsilon=0.2")
+    assert "--set robust.epsilon: robust is a list of settings, not a mapping" in err
+    assert "--set robust='[{method: fgsm, epsilon: 0.2}]'" in err
+    fixed = "robust=[{method: fgsm, epsilon: 0.2}]"
+    assert main(["validate", "demo", "--set", fixed]) == 0
+
+
+def test_override_errors_name_the_set_key_that_caused_them(capsys):
+    err = _validate_error(capsys, "seeds=[0, 1]", "training.lr=-1")
+    assert "error: --set training.lr: 1 problem(s)" in err
+    assert "overrides" not in err and "--set seeds" not in err
+    err = _validate_error(capsys, "training={lr: -1}")
+    assert "error: --set training: 1 problem(s)" in err

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from orchestrator.tracking import clean_params
+from trainables.config import parse_config
+
 CONNECT = "import sys; from orchestrator.tracking import connect; connect(sys.argv[1])"
 
 
@@ -29,3 +32,22 @@ def test_processes_creating_one_sqlite_store_at_once_all_succeed(tmp_path: Path)
     assert not failed, failed[0][-2000:]
     client = MlflowClient(tracking_uri=uri)
     assert client.get_experiment_by_name("Default") is not None
+
+
+def _logged(robust: dict, eval_attack: dict) -> dict[str, str]:
+    """The params a trial with these attack settings logs to MLflow."""
+    return clean_params(parse_config({"robust": robust, "eval_attack": eval_attack}).to_flat_dict())
+
+
+def test_params_leave_out_settings_the_attack_method_ignores() -> None:
+    plain = _logged({"method": "none"}, {"method": "none"})
+    assert [k for k in plain if k.startswith(("robust.", "eval_attack."))] == [
+        "robust.method",
+        "eval_attack.method",
+    ]
+    fgsm = _logged({"method": "fgsm", "epsilon": 0.1}, {"method": "fgsm", "epsilon": 0.1})
+    assert {"robust.epsilon", "robust.adv_fraction", "eval_attack.epsilon"} <= set(fgsm)
+    assert not {"robust.steps", "robust.step_size", "eval_attack.steps"} & set(fgsm)
+    pgd = _logged({"method": "pgd", "epsilon": 0.1, "steps": 3}, {"method": "pgd", "epsilon": 0.1})
+    assert pgd["robust.steps"] == "3" and pgd["robust.step_size"] == "null"
+    assert pgd["eval_attack.steps"] == "10" and "lr" in pgd and "device" not in pgd

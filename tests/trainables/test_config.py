@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from trainables import ConfigError, TrainConfig, fit, parse_config
+from trainables.config import text_number_hint
 
 
 def test_empty_dict_gives_documented_defaults() -> None:
@@ -121,3 +122,31 @@ def test_batch_larger_than_training_set_is_rejected_before_training() -> None:
 def test_model_too_big_for_the_images_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"config key 'model': got 'c2'.*16"):
         fit({"dataset": "digits", "model": "c2", "max_epochs": 1})
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        (
+            {"lr": "1e-3"},
+            "got '1e-3' (text: YAML reads 1e-3 without a dot as a string; write 1.0e-3)",
+        ),
+        ({"weight_decay": "5e-4"}, "write 5.0e-4)"),
+        (
+            {"max_epochs": "1e3"},
+            "got '1e3' (text: YAML reads 1e3 without a dot as a string; write 1000)",
+        ),
+        ({"robust": {"method": "pgd", "step_size": "1.0e-2"}}, "without a sign in the exponent"),
+        ({"target_train_loss": "0.1"}, "got '0.1' (text: write 0.1 without quotes)"),
+    ],
+)
+def test_numbers_given_as_text_get_the_way_to_write_them(given: dict, shown: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(given)
+    assert shown in str(info.value) and "expected" in str(info.value)
+
+
+def test_text_number_hint_is_empty_for_anything_but_numeric_text() -> None:
+    assert text_number_hint(0.001) == text_number_hint("fast") == text_number_hint("nan") == ""
+    assert text_number_hint("1e-3", integer=True) == ""  # not an integer: no rewrite fixes it
+    assert text_number_hint("2e5", integer=True).endswith("write 200000)")
