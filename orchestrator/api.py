@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +13,9 @@ from typing import Any
 
 import pandas as pd
 import ray
+from mlflow.exceptions import MlflowException
 
-from orchestrator.errors import UserInputError
+from orchestrator.errors import NothingToDo, UserInputError
 from orchestrator.phase import HessianPhase
 from orchestrator.redact import redact_text
 from orchestrator.results import build_table, save_table, to_markdown, trial_row
@@ -56,6 +58,7 @@ class ExperimentResult:
     tracking_uri: str
     sweep_dir: str
     timings: dict[str, float] = field(default_factory=dict)
+    failed_trials: tuple[str, ...] = ()  # "label: first line of its error", one per trial
 
 
 def run_experiment(
@@ -68,10 +71,10 @@ def run_experiment(
     uri = resolve_tracking_uri(tracking_uri, exp.tracking_uri)
     _check_data(exp)
     client = connect(uri)
+    _init_ray(address, exp)  # before anything is written: a bad address leaves nothing
     run_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = join(storage_path(exp.storage), run_name)
     _write_state(sweep_dir, exp, None, uri)  # storage must take a file before MLflow does
-    _init_ray(address)
     exp_id = experiment_id(client, exp.name)
     parent = client.create_run(
         exp_id, run_name=run_name, tags={ROLE: "sweep", SWEEP_DIR: sweep_dir}
@@ -115,14 +118,38 @@ def resume_experiment(
         )
     exp = Experiment.from_dict(state["spec"], source=state_file)
     uri = tracking_uri or state["tracking_uri"]
-    client = connect(uri)
-    _init_ray(address)
     parent_id = state["parent_run_id"]
+    client = _sweep_store(uri, parent_id, state["tracking_uri"])
+    if client.get_run(parent_id).info.status == "FINISHED":
+        raise NothingToDo(
+            f"sweep {redact_text(sweep_dir)} already finished (MLflow run {parent_id}); "
+            f"nothing to resume. `hessweep report {exp.name}` builds its paper report."
+        )
+    _init_ray(address, exp)
     client.update_run(parent_id, status="RUNNING")
     progress(f"resuming {sweep_dir} (MLflow run {parent_id})")
     tuner = restore_tuner(exp, sweep_dir)
     callback = TrackingCallback.live(parent_id)
     return _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress)
+
+
+def _sweep_store(uri: str, parent_id: str, logged_to: str):
+    """A client for the store holding the sweep's parent run; never creates a new store."""
+    hint = (
+        f"the sweep was logged to {redact_text(logged_to)}; give that store with "
+        "--tracking-uri (or leave it out)"
+    )
+    path = uri.removeprefix("sqlite:///")
+    if uri.startswith("sqlite:///") and not Path(path).exists():
+        raise UserInputError(f"--tracking-uri {redact_text(uri)}: no such store ({path}); {hint}")
+    client = connect(uri)
+    try:
+        client.get_run(parent_id)
+    except MlflowException:
+        raise UserInputError(
+            f"--tracking-uri {redact_text(uri)}: it has no MLflow run {parent_id}; {hint}"
+        ) from None
+    return client
 
 
 def find_sweep_dir(name_or_dir: str, storage: str = "runs/ray") -> str:
@@ -180,6 +207,9 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
         start = time.perf_counter()
         grid = tuner.fit()
         timings["training_s"] = time.perf_counter() - start
+        if grid.num_terminated + grid.num_errors < len(grid):
+            # Tune caught Ctrl-C (or SIGUSR1), saved its state and returned: not a result
+            raise KeyboardInterrupt
         trials = [(r.metrics.get("trial_id"), r.config, r.metrics, r.checkpoint) for r in grid]
         kept = {t[0] for t in trials}
         if exp.select:
@@ -189,7 +219,8 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
             progress(f"select: kept {len(kept)} of {len(trials)} trials by {exp.select.metric}")
         run_ids = {tid: callback.child_run_id(tid) for tid, *_ in trials}
         for tid, _, _, _ in trials:
-            client.set_tag(run_ids[tid], "hessweep.selected", str(tid in kept).lower())
+            if run_ids[tid] is not None:
+                client.set_tag(run_ids[tid], "hessweep.selected", str(tid in kept).lower())
         start = time.perf_counter()
         if exp.hessian.enabled:
             for tid, config, metrics, ckpt in trials:
@@ -212,15 +243,15 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
         )
         parquet, md = save_table(table, report_dir, header)
         client.log_artifact(parent_id, str(parquet), "report")
-        client.log_artifact(parent_id, str(md), "report")
+        client.log_text(parent_id, md.read_text(), "report/report.md")  # DESIGN's name
         timings["tracking_s"] = callback.log_seconds
-        log_batch(
-            client, parent_id, finite_metrics({f"time/{k}": v for k, v in timings.items()}, 0)
+        _log_timings(client, parent_id, timings)
+        failed = tuple(
+            f"{_label(r.config)}: {_first_line(r.error)}" for r in grid if r.error is not None
         )
-        failed = any(r.error is not None for r in grid)
         client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
         progress(to_markdown(table))
-        return ExperimentResult(table, parent_id, report_dir, grid, uri, sweep_dir, timings)
+        return ExperimentResult(table, parent_id, report_dir, grid, uri, sweep_dir, timings, failed)
     except KeyboardInterrupt:
         client.set_terminated(parent_id, status="KILLED")
         raise
@@ -229,6 +260,20 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
         raise
     finally:
         phase.close()
+
+
+def _log_timings(client, parent_id: str, timings: dict[str, float]) -> None:
+    """``time/*`` on the parent run, summed over the sessions of a resumed sweep."""
+    before = client.get_run(parent_id).data.metrics
+    step = len(client.get_metric_history(parent_id, "time/training_s"))
+    totals = {f"time/{k}": v + before.get(f"time/{k}", 0.0) for k, v in timings.items()}
+    log_batch(client, parent_id, finite_metrics(totals, step))
+
+
+def _first_line(error: BaseException) -> str:
+    """The last non-empty line of an error's text (Ray wraps the trial's own error first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def _final_metrics(client, run_id: str) -> dict[str, float]:
@@ -261,15 +306,70 @@ def _check_data(exp: Experiment) -> None:
         raise UserInputError(f"dataset {exp.dataset!r}: {err}") from None
 
 
-def _init_ray(address: str | None) -> None:
+def _init_ray(address: str | None, exp: Experiment) -> None:
+    """Join ``address`` (or RAY_ADDRESS) or start a private local Ray, checked to be usable."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        _check_reachable(address)
+        try:
+            ray.init(address=address)
+        except ConnectionError as err:
+            raise UserInputError(
+                f"--address {address!r}: {_first_line(err)}; start a cluster (`ray start "
+                "--head`), fix --address / RAY_ADDRESS, or leave both unset to run locally"
+            ) from None
     else:
         # "local" starts a private instance: never attach to another process's Ray.
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        _check_resources(exp, ray.cluster_resources())
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a ``host:port`` nobody listens on (Ray itself retries for minutes)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray reports those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise UserInputError(
+            f"--address {address!r}: nothing answers at {host}:{port} ({err}); start the "
+            "cluster's head node, fix --address / RAY_ADDRESS, or leave both unset to run "
+            "locally"
+        ) from None
+
+
+def _check_resources(exp: Experiment, total: dict[str, float]) -> None:
+    """Refuse resource settings this (local, fixed-size) Ray can never satisfy: they hang."""
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    r, h = exp.resources, exp.hessian
+    needs = [
+        ("resources.cpus", r.cpus, cpus, "CPU"),
+        ("resources.gpus", r.gpus, gpus, "GPU"),
+    ]
+    if h.enabled:
+        needs += [
+            (
+                "hessian.num_actors x hessian.cpus_per_actor",
+                h.num_actors * h.cpus_per_actor,
+                cpus,
+                "CPU",
+            ),
+            (
+                "hessian.num_actors x hessian.gpus_per_actor",
+                h.num_actors * h.gpus_per_actor,
+                gpus,
+                "GPU",
+            ),
+        ]
+    for field_name, wanted, have, kind in needs:
+        if wanted > have:
+            raise UserInputError(
+                f"{field_name} = {wanted:g} but this machine's Ray has {have:g} {kind}(s), so "
+                f"it would wait forever; lower it, or run on a cluster with --address"
+            )
 
 
 def _log_sweep_params(client, parent_id: str, exp: Experiment) -> None:

@@ -15,7 +15,9 @@ import yaml
 from orchestrator.errors import UserInputError
 from orchestrator.redact import redact_text
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -51,17 +53,42 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"robust {[r.label for r in exp.robust]} x seeds {exp.seeds}{samples}: "
         f"{exp.num_trials} trial(s)"
     )
+    _warn_unfair(exp)
     return 0
+
+
+def _warn_unfair(exp: Any) -> None:
+    """Say so when batch sizes will not be compared at a common training loss."""
+    if exp.training.get("target_train_loss") is None:
+        print(
+            "hessweep: warning: training.target_train_loss is not set, so every trial stops "
+            "at training.max_epochs and batch sizes are compared at different training "
+            "losses (the paper compares them at a common one); set it, e.g. "
+            "--set training.target_train_loss=0.1",
+            file=sys.stderr,
+        )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.api import run_experiment
 
     exp = load_spec(args.spec, args.set)
+    _warn_unfair(exp)
     start = time.perf_counter()
-    result = run_experiment(exp, address=args.address, tracking_uri=args.tracking_uri)
-    _summary(result, time.perf_counter() - start)
-    return 0
+    try:
+        result = run_experiment(exp, address=args.address, tracking_uri=args.tracking_uri)
+    except KeyboardInterrupt:
+        return _interrupted(exp.name)
+    return _summary(result, time.perf_counter() - start)
+
+
+def _interrupted(name: str) -> int:
+    print(
+        f"hessweep: interrupted; the sweep's state is saved: continue with "
+        f"`hessweep resume {name}`",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
 
 
 def _spec_storage(name: str) -> str | None:
@@ -77,31 +104,50 @@ def _spec_storage(name: str) -> str | None:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.api import resume_experiment
+    from orchestrator.errors import NothingToDo
 
     storage = args.storage or _spec_storage(args.name) or "runs/ray"
     start = time.perf_counter()
-    result = resume_experiment(
-        args.name, address=args.address, tracking_uri=args.tracking_uri, storage=storage
-    )
-    _summary(result, time.perf_counter() - start)
-    return 0
+    try:
+        result = resume_experiment(
+            args.name, address=args.address, tracking_uri=args.tracking_uri, storage=storage
+        )
+    except NothingToDo as done:
+        print(f"hessweep: {done}")
+        return 0
+    except KeyboardInterrupt:
+        return _interrupted(args.name)
+    return _summary(result, time.perf_counter() - start)
 
 
-def _summary(result: Any, wall: float) -> None:
+def _summary(result: Any, wall: float) -> int:
+    """Print where everything went; the exit code is 1 when any trial failed."""
     t = result.timings
     print(
         f"\nwall time {wall:.1f}s (training {t.get('training_s', 0):.1f}s, Hessian "
         f"{t.get('hessian_s', 0):.1f}s, tracking {t.get('tracking_s', 0):.1f}s)\n"
-        f"table: {result.report_dir}/table.parquet and report.md\n"
+        f"table: {result.report_dir}/table.parquet and table.md\n"
         f"MLflow parent run {result.parent_run_id} at {redact_text(result.tracking_uri)}\n"
         "open the UI with: hessweep ui   (then http://127.0.0.1:5000)"
     )
+    if not result.failed_trials:
+        return 0
+    n, total = len(result.failed_trials), len(result.result_grid)
+    print(f"\nhessweep: {n} of {total} trial(s) failed:", file=sys.stderr)
+    for line in result.failed_trials:
+        print(f"  {line}", file=sys.stderr)
+    print(
+        "fix the cause, then `hessweep resume` retries the failed trials (finished ones stay)",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from orchestrator.analyze import analyze_run
 
     analyze_run(args.run_id, tracking_uri=args.tracking_uri, address=args.address)
+    print(f"spectra of run {args.run_id} recomputed and logged onto it (metrics, spectrum/*)")
     return 0
 
 
@@ -131,13 +177,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     from trainables.data import (
+        DATASET_NAMES,
         DatasetCorruptError,
         DatasetNotFoundError,
         default_root,
+        expected_files,
         load_dataset,
     )
 
     root = args.root or str(default_root())
+    unknown = [n for n in args.datasets if n not in DATASET_NAMES]
+    if unknown:
+        raise UserInputError(
+            f"unknown dataset {unknown[0]!r}; downloadable: {', '.join(DATASET_NAMES)} "
+            "(digits is bundled with scikit-learn)"
+        )
     for name in args.datasets:
         print(f"{name}: fetching into {root} ...", flush=True)
         try:
@@ -147,18 +201,17 @@ def cmd_download(args: argparse.Namespace) -> int:
         except OSError as err:
             raise UserInputError(
                 f"{name}: download into {root} failed ({err}); check the network, or copy "
-                "the files there by hand"
+                f"the files there by hand: {expected_files(name, root)}"
             ) from None
         print(f"{name}: ready ({len(data.train)} train, {len(data.test)} test images)")
     return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from orchestrator.tracking import DEFAULT_ARTIFACTS, resolve_tracking_uri
+    from orchestrator.tracking import DEFAULT_ARTIFACTS, connect, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    connect(uri)  # a clear error (exit 2) for a store that cannot be opened
     cmd = [
         sys.executable,
         "-m",
@@ -175,6 +228,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
     ]
     print(f"MLflow UI for {redact_text(uri)} on http://{args.host}:{args.port} (Ctrl-C to stop)")
     return subprocess.call(cmd)
+
+
+def _port(text: str) -> int:
+    """A TCP port number, refused by argparse (exit 2) outside 1-65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,8 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("validate", help="check a spec and print the grid it expands to")
-    p.add_argument("spec")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("spec", help="spec file or experiment name, e.g. demo")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field as `run` would (repeatable)",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(
@@ -252,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="serve the MLflow UI for the tracking store (127.0.0.1)")
     common(p, address=False)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=_port, default=5000, help="TCP port, 1-65535 (default 5000)")
     p.set_defaults(func=cmd_ui)
     return parser
 
@@ -271,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hessweep: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("hessweep: interrupted; continue with `hessweep resume NAME`", file=sys.stderr)
-        return 130
+        print("hessweep: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""The user-facing error type: a bad spec, option or store, reported with exit code 2."""
+"""User-facing outcomes that are not results: bad input (exit code 2) and nothing to do."""
 
 from __future__ import annotations
 
 
 class UserInputError(ValueError):
     """Bad input from the user: the message names the field, the value and the fix."""
+
+
+class NothingToDo(Exception):
+    """The request is already satisfied (e.g. resuming a finished sweep); not an error."""

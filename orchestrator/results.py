@@ -107,9 +107,13 @@ def _fmt(value: Any) -> str:
 
 
 def save_table(table: pd.DataFrame, folder: Path, header: str) -> tuple[Path, Path]:
-    """Write table.parquet and report.md into ``folder``; return both paths."""
+    """Write table.parquet and table.md into ``folder``; return both paths.
+
+    Not report.md: that is ``hessweep report``'s paper report, which a later run or resume
+    of the same experiment would otherwise overwrite with this table.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    parquet, md = folder / "table.parquet", folder / "report.md"
+    parquet, md = folder / "table.parquet", folder / "table.md"
     table.to_parquet(parquet, index=False)
     md.write_text(f"{header}\n\n{to_markdown(table)}\n")
     return parquet, md

@@ -83,8 +83,9 @@ class SpectrumReport:
     eigenvalue of the Hessian of its loss w.r.t. its input.
 
     ``neg_fraction`` is the fraction of those samples whose smallest input-Hessian
-    eigenvalue is below ``-r * |largest|`` with ``r = max(1e-6, tol)``: clearly negative,
-    beyond what the solver's relative tolerance can resolve (NaN with no samples).
+    eigenvalue is below ``-r * max|largest|`` (the largest over all the samples) with
+    ``r = max(1e-6, tol)``: clearly negative on the model's curvature scale, beyond what the
+    solver's tolerance can resolve (NaN with no samples).
     ``wall_times`` maps each part (lanczos, trace, density, input, total) to seconds.
     ``trace_converged`` says whether Hutchinson met its standard-error goal and
     ``input_converged`` which samples' Lanczos met its tolerance.
@@ -125,10 +126,15 @@ class SpectrumReport:
 
 
 def neg_fraction(eig_max: np.ndarray, eig_min: np.ndarray, rtol: float = NEG_RTOL) -> float:
-    """Fraction of samples with ``eig_min < -rtol * |eig_max|`` (NaN for no samples)."""
+    """Fraction of samples with ``eig_min < -rtol * max_i |eig_max_i|`` (NaN for no samples).
+
+    The scale is the largest over the samples, not each sample's own: a confidently
+    classified sample's input Hessian can be ~1e-160, where the sign of what is left is
+    rounding, and a per-sample scale counted it as clearly negative.
+    """
     if not len(eig_max):
         return float("nan")
-    return float(np.mean(eig_min < -rtol * np.abs(eig_max)))
+    return float(np.mean(eig_min < -rtol * np.abs(eig_max).max()))
 
 
 def _local_batches(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

@@ -122,6 +122,19 @@ def default_root() -> Path:
     return Path(cache) / "hessweep" / "data"
 
 
+def expected_files(name: str, root: str | os.PathLike[str]) -> str:
+    """Where a downloadable data set's files must lie, for people who copy them by hand."""
+    if name == "mnist":
+        folder, files = Path(root) / "MNIST" / "raw", _MNIST_FILES
+    else:
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        cls = CIFAR10 if name == "cifar10" else CIFAR100
+        folder = Path(root) / cls.base_folder
+        files = _CIFAR10_FILES if name == "cifar10" else _CIFAR100_FILES
+    return f"{', '.join(files)} in {folder}"
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike[str] | None = None,

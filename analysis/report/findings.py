@@ -145,6 +145,16 @@ def excluded(trials: pd.DataFrame) -> list[str]:
                 f"bs={r.batch_size} {r.robust} seed={r.seed}" for r in rows.itertuples()
             )
             out.append(f"left out, {label}: {names}")
+    if len(trials) and trials["reached_target"].astype(float).isna().all():
+        line = (
+            "caveat: no target_train_loss was set, so every trial stopped at max_epochs and "
+            "batch sizes are compared at different training losses, not at a common one"
+        )
+        losses = trials.get("train_loss", pd.Series(dtype=float)).astype(float)
+        losses = losses[np.isfinite(losses)]
+        if len(losses):
+            line += f" (final training loss {losses.min():.3g} to {losses.max():.3g})"
+        out.append(line)
     return out
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from analysis.hessian import hessian_spectrum
 from orchestrator.api import STATE_FILE, resume_experiment, run_experiment
 from orchestrator.cli import main
+from orchestrator.errors import NothingToDo
 from orchestrator.spec import Experiment
 from orchestrator.storage import join, read_text
 from trainables.train import load_trained
@@ -125,27 +126,36 @@ def test_table_holds_the_engines_numbers(finished):
         assert row["lambda_max"] == pytest.approx(float(local.eigenvalues[0]), rel=1e-6)
 
 
-def test_resume_of_a_finished_sweep_duplicates_nothing(finished):
+def test_resume_of_a_finished_sweep_changes_nothing(finished, capsys):
     _, result, client, root = finished
-    before = {
-        r.info.run_id: len(client.get_metric_history(r.info.run_id, "train/loss"))
-        for r in _children(client, result)
-    }
+    runs = [result.parent_run_id, *(r.info.run_id for r in _children(client, result))]
+    before = {rid: client.get_run(rid).data.metrics for rid in runs}
     import os
 
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        again = resume_experiment("e2e", storage=str(root / "ray"), progress=lambda _: None)
+        with pytest.raises(NothingToDo, match="already finished"):
+            resume_experiment("e2e", storage=str(root / "ray"), progress=lambda _: None)
+        code = main(["resume", "e2e", "--storage", str(root / "ray")])
     finally:
         os.chdir(cwd)
-    assert again.parent_run_id == result.parent_run_id and again.sweep_dir == result.sweep_dir
-    after = {
-        r.info.run_id: len(client.get_metric_history(r.info.run_id, "train/loss"))
-        for r in _children(client, result)
-    }
-    assert after == before
-    assert len(again.table) == 2
+    assert code == 0 and "nothing to resume" in capsys.readouterr().out
+    assert {rid: client.get_run(rid).data.metrics for rid in runs} == before  # time/* too
+
+
+def test_resume_against_a_store_without_the_sweep_is_refused(finished, tmp_path, capsys):
+    _, result, _, _ = finished
+    missing = tmp_path / "elsewhere.db"
+    code = main(["resume", result.sweep_dir, "--tracking-uri", f"sqlite:///{missing}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such store" in err and "--tracking-uri" in err
+    assert not missing.exists()  # no empty store left behind
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    MlflowClient(other).search_experiments()  # an existing store without this sweep's run
+    code = main(["resume", result.sweep_dir, "--tracking-uri", other])
+    err = capsys.readouterr().err
+    assert code == 2 and f"no MLflow run {result.parent_run_id}" in err
 
 
 def test_unreachable_tracking_store_fails_before_training(tmp_path, capsys, monkeypatch):

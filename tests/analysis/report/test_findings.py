@@ -116,7 +116,7 @@ def test_single_batch_size_is_not_enough_data():
     assert "1 batch size(s)" in f1.evidence[0]
     # one shared batch size cannot show "at every batch size", even with separated seeds
     assert f3.verdict == NOT_ENOUGH
-    assert "flatter at 1 of 1" in f3.evidence[-1]
+    assert any("flatter at 1 of 1" in e for e in f3.evidence)
 
 
 def test_robust_flatter_needs_separated_seeds_and_two_batch_sizes():
@@ -168,6 +168,18 @@ def test_trials_short_of_the_target_loss_are_left_out_and_named():
     assert f1.verdict == NOT_ENOUGH  # three points left: p >= 1/6
     assert f1.statistics["lambda_max | none"]["n"] == 3
     assert f1.evidence[-1] == "left out, did not reach target_train_loss: bs=full none seed=0"
+
+
+def test_a_sweep_without_a_target_loss_carries_a_caveat_with_its_loss_range():
+    trials = table(lam=lambda r, b, s: [1.0, 2.0, 3.0, 4.0][b])
+    trials["train_loss"] = [0.05, 0.3, 0.9, 2.1]
+    f1, f2, f3, f4 = all_findings(trials)
+    caveat = [e for e in f1.evidence if e.startswith("caveat: no target_train_loss")]
+    assert len(caveat) == 1 and caveat[0].endswith("(final training loss 0.05 to 2.1)")
+    assert caveat[0] in f2.evidence and caveat[0] in f3.evidence
+    assert not any(e.startswith("caveat") for e in f4.evidence)  # not a batch comparison
+    with_target = all_findings(trials.assign(reached_target=1.0))[0]
+    assert not any(e.startswith("caveat") for e in with_target.evidence)
 
 
 def test_p_value_is_exact_and_one_sided():

@@ -1,0 +1,117 @@
+"""run/resume plumbing that needs no sweep: resources, addresses, interruption, timings."""
+
+from __future__ import annotations
+
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.api import (
+    _check_reachable,
+    _check_resources,
+    _drive,
+    _first_line,
+    _log_timings,
+)
+from orchestrator.cli import _summary, main
+from orchestrator.errors import UserInputError
+from orchestrator.spec import Experiment
+
+SPEC = {"name": "api", "dataset": "synthetic", "model": "mlp", "batch_sizes": [32]}
+
+
+def _exp(**changes) -> Experiment:
+    return Experiment.from_dict({**SPEC, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"resources": {"cpus": 8}}, "resources.cpus = 8"),
+        ({"resources": {"gpus": 1}}, "resources.gpus = 1"),
+        ({"hessian": {"num_actors": 3}}, "hessian.num_actors x hessian.cpus_per_actor = 3"),
+    ],
+)
+def test_resources_a_local_ray_can_never_grant_are_refused(changes, field):
+    with pytest.raises(UserInputError, match="would wait forever") as err:
+        _check_resources(_exp(**changes), {"CPU": 2.0})
+    assert field in str(err.value)
+
+
+def test_resources_that_fit_pass_and_a_disabled_hessian_phase_needs_no_actors():
+    _check_resources(_exp(), {"CPU": 2.0})
+    _check_resources(_exp(hessian={"enabled": False, "num_actors": 3}), {"CPU": 2.0})
+
+
+def test_an_address_nobody_listens_on_fails_in_seconds_naming_it():
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(UserInputError, match=f"--address '127.0.0.1:{port}'"):
+        _check_reachable(f"127.0.0.1:{port}")
+    assert time.perf_counter() - start < 10  # Ray itself retried for minutes
+    _check_reachable("auto")  # no host:port: left to Ray
+
+
+def test_first_line_takes_the_trials_own_error_from_rays_wrapping():
+    err = RuntimeError("ray::train()\n  File x, line 3\nConfigError: config key 'device'\n")
+    assert _first_line(err) == "ConfigError: config key 'device'"
+    assert _first_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_timings_add_up_over_the_sessions_of_a_resumed_sweep(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    _log_timings(client, run_id, {"training_s": 95.0, "hessian_s": 37.0})
+    _log_timings(client, run_id, {"training_s": 5.0, "hessian_s": 1.0})
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["time/training_s"] == 100.0 and metrics["time/hessian_s"] == 38.0
+    history = client.get_metric_history(run_id, "time/training_s")
+    assert sorted((m.step, m.value) for m in history) == [(0, 95.0), (1, 100.0)]
+
+
+class _InterruptedGrid(list):
+    """What Tuner.fit returns after Tune caught Ctrl-C: trials neither finished nor failed."""
+
+    num_terminated, num_errors = 1, 0
+
+
+def test_an_interrupted_fit_is_an_interruption_and_the_parent_run_is_killed(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    parent = client.create_run(client.create_experiment("t")).info.run_id
+    tuner = SimpleNamespace(fit=lambda: _InterruptedGrid([object(), object()]))
+    callback = SimpleNamespace(on_complete=None)
+    with pytest.raises(KeyboardInterrupt):
+        _drive(_exp(), tuner, client, callback, parent, "", str(tmp_path), lambda _: None)
+    assert client.get_run(parent).info.status == "KILLED"
+
+
+def test_failed_trials_are_listed_and_make_the_exit_code_1(capsys, tmp_path):
+    result = SimpleNamespace(
+        timings={},
+        report_dir=tmp_path,
+        parent_run_id="p",
+        tracking_uri="sqlite:///x.db",
+        result_grid=[1, 2, 3],
+        failed_trials=("bs=full none seed=0: ConfigError: config key 'device'",),
+    )
+    assert _summary(result, 1.0) == 1
+    err = capsys.readouterr().err
+    assert "1 of 3 trial(s) failed" in err and "config key 'device'" in err
+    assert _summary(SimpleNamespace(**{**vars(result), "failed_trials": ()}), 1.0) == 0
+
+
+def test_ui_refuses_a_port_out_of_range_with_exit_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["ui", "--port", "70000"])
+    assert stop.value.code == 2 and "not a port number" in capsys.readouterr().err
+
+
+def test_download_of_an_unknown_data_set_is_refused_before_fetching(capsys):
+    assert main(["download", "imagenet"]) == 2
+    out = capsys.readouterr()
+    assert "unknown dataset 'imagenet'" in out.err and "fetching" not in out.out
