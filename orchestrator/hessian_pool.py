@@ -103,16 +103,20 @@ class ShardActor:
 
     def __init__(
         self,
-        shard: list[ray.ObjectRef],
+        num_samples: int,
         total: int,
         chunk_size: int | None,
         num_threads: int,
     ) -> None:
+        # No object reference among the constructor's arguments: Ray cannot restart an
+        # actor whose creation arguments were evicted (and warns about it at every start).
+        # The shard comes with each call that needs it and is fetched once.
         torch.set_num_threads(num_threads)
         self.device = _assigned_device()
-        self.x, self.y = ray.get(shard[0])
-        self.num_samples = int(self.y.shape[0])
-        self.scale = self.num_samples / total
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.num_samples = num_samples
+        self.scale = num_samples / total
         self.chunk_size = chunk_size
         self.models: OrderedDict[str, nn.Module] = OrderedDict()
         self.operators: OrderedDict[str, tuple[str, WeightHessian]] = OrderedDict()
@@ -125,6 +129,12 @@ class ShardActor:
                 self.models.popitem(last=False)
         self.models.move_to_end(handle.model_id)
         return self.models[handle.model_id]
+
+    def _load(self, shard: list[ray.ObjectRef]) -> None:
+        """Fetch this actor's samples once (again after a restart); ``[ref]`` is not resolved
+        by Ray, so calls that find them loaded transfer nothing."""
+        if self.x is None:
+            self.x, self.y = ray.get(shard[0])
 
     def _shard(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """This actor's samples on its device in ``dtype`` (operators chunk them as views)."""
@@ -158,13 +168,19 @@ class ShardActor:
                 other.release()
         return self.operators[recipe.op_key][1]
 
-    def prepare(self, recipe: OperatorRecipe) -> tuple[int, torch.dtype, int]:
+    def prepare(
+        self, recipe: OperatorRecipe, shard: list[ray.ObjectRef]
+    ) -> tuple[int, torch.dtype, int]:
         """Build the operator; return its size, dtype and this shard's sample count."""
+        self._load(shard)
         op = self._operator(recipe)
         return op.size, op.dtype, self.num_samples
 
-    def matvec(self, recipe: OperatorRecipe, v: torch.Tensor) -> torch.Tensor:
+    def matvec(
+        self, recipe: OperatorRecipe, v: torch.Tensor, shard: list[ray.ObjectRef]
+    ) -> torch.Tensor:
         """This shard's share ``(n_shard / N) * H_shard @ v`` as a CPU tensor."""
+        self._load(shard)
         return (self.scale * self._operator(recipe).matvec(v)).cpu()
 
     def input_spectrum(
@@ -242,7 +258,12 @@ class ShardedWeightHessian:
         # A fresh copy: a view (solvers pass rows of their Krylov basis) would pickle
         # its whole storage into the object store.
         ref = ray.put(v.detach().to(device="cpu", dtype=self.dtype).clone())
-        parts = ray.get([a.matvec.remote(self.recipe, ref) for a in self.pool.actors])
+        parts = ray.get(
+            [
+                a.matvec.remote(self.recipe, ref, [shard])
+                for a, shard in zip(self.pool.actors, self.pool.shard_refs, strict=True)
+            ]
+        )
         total = parts[0]
         for part in parts[1:]:
             total = total + part
@@ -304,8 +325,8 @@ class HessianPool:
         }
         threads = max(1, int(num_cpus))
         self.actors = [
-            ShardActor.options(**options).remote([ref], n, chunk_size, threads)
-            for ref in self.shard_refs
+            ShardActor.options(**options).remote(size, n, chunk_size, threads)
+            for size in self.shard_sizes
         ]
         self._lock = threading.Lock()
         self._closed = False
@@ -345,7 +366,12 @@ class HessianPool:
         """The exact weight Hessian of the mean loss over the whole (sharded) training set."""
         handle, owns = self._handle(model)
         recipe = OperatorRecipe(uuid.uuid4().hex, handle, loss_fn or self.loss_fn, dtype)
-        infos = ray.get([a.prepare.remote(recipe) for a in self.actors])
+        infos = ray.get(
+            [
+                a.prepare.remote(recipe, [shard])
+                for a, shard in zip(self.actors, self.shard_refs, strict=True)
+            ]
+        )
         size, op_dtype, _ = infos[0]
         if any(info[0] != size for info in infos):
             raise RuntimeError(f"actors disagree on the operator size: {[i[0] for i in infos]}")

@@ -38,8 +38,8 @@ PARENT = "mlflow.parentRunId"
 CHECKPOINT = "hessweep.checkpoint"
 PARAM_EXCLUDE = ("data_root", "device", "eval_batch_size")
 # The settings each attack method reads (trainables.attacks; adv_fraction is training's).
-ATTACK_USES = {
-    "none": ("method",),
+ATTACK_USES = {  # epsilon stays for "none" (0: no perturbation), so every run can be filtered
+    "none": ("method", "epsilon"),
     "fgsm": ("method", "epsilon", "adv_fraction"),
     "pgd": ("method", "epsilon", "steps", "step_size", "adv_fraction"),
 }

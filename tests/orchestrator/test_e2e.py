@@ -230,6 +230,7 @@ def test_a_sweep_on_uri_storage_runs_resumes_and_reanalyses(ray_session, tmp_pat
     assert checkpoint.startswith(result.sweep_dir + "/")
     assert "hessian/eig_1" in child.data.metrics  # the phase read the checkpoint by its URI
 
+    client.set_terminated(result.parent_run_id, "KILLED")  # as an interrupted sweep leaves it
     again = resume_experiment("uri", storage=storage, progress=lambda _: None)
     assert again.parent_run_id == result.parent_run_id and again.sweep_dir == result.sweep_dir
     assert len(_children(client, result)) == 1
