@@ -34,7 +34,7 @@ def analyze_run(run_id: str, tracking_uri: str | None = None, address: str | Non
     if not sweep_dir or not exists(state):
         raise UserInputError(f"the sweep state {state} of run {run_id} is missing")
     exp = Experiment.from_dict(json.loads(read_text(state))["spec"], source=state)
-    _init_ray(address, exp)
+    _init_ray(address, exp, training=False)
     phase = HessianPhase(exp, client)
     try:
         phase.submit(tags.get("hessweep.trial_id", run_id), ckpt, run_id, run.info.run_name)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import pandas as pd
 import ray
 from mlflow.exceptions import MlflowException
 
-from orchestrator.errors import NothingToDo, UserInputError
+from orchestrator.errors import NothingToDo, SweepInterrupted, UserInputError
 from orchestrator.phase import HessianPhase
 from orchestrator.redact import redact_text
 from orchestrator.results import build_table, save_table, to_markdown, trial_row
@@ -126,10 +129,17 @@ def resume_experiment(
             f"nothing to resume. `hessweep report {exp.name}` builds its paper report."
         )
     _init_ray(address, exp)
+    try:
+        tuner = restore_tuner(exp, sweep_dir)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserInputError(
+            f"{redact_text(sweep_dir)}: Tune cannot restore this sweep ({_first_line(err)}); "
+            "start it again with `hessweep run`"
+        ) from None
+    callback = TrackingCallback.live(parent_id)
+    callback.use_store(uri)  # the restored callback remembers the store of the first session
     client.update_run(parent_id, status="RUNNING")
     progress(f"resuming {sweep_dir} (MLflow run {parent_id})")
-    tuner = restore_tuner(exp, sweep_dir)
-    callback = TrackingCallback.live(parent_id)
     return _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress)
 
 
@@ -203,12 +213,15 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
 
     callback.on_complete = on_complete
     timings: dict[str, float] = {}
+    interrupted = False
     try:
         start = time.perf_counter()
-        grid = tuner.fit()
+        with _own_signal_handlers():
+            grid = tuner.fit()
         timings["training_s"] = time.perf_counter() - start
-        if grid.num_terminated + grid.num_errors < len(grid):
-            # Tune caught Ctrl-C (or SIGUSR1), saved its state and returned: not a result
+        if any(r.error is None and not r.metrics.get("done") for r in grid):
+            # Tune caught Ctrl-C (or SIGUSR1), saved its state and returned; it marks the
+            # trials it stopped TERMINATED, but only finished ones reported done
             raise KeyboardInterrupt
         trials = [(r.metrics.get("trial_id"), r.config, r.metrics, r.checkpoint) for r in grid]
         kept = {t[0] for t in trials}
@@ -253,13 +266,30 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
         progress(to_markdown(table))
         return ExperimentResult(table, parent_id, report_dir, grid, uri, sweep_dir, timings, failed)
     except KeyboardInterrupt:
+        interrupted = True
         client.set_terminated(parent_id, status="KILLED")
-        raise
+        raise SweepInterrupted(sweep_dir) from None
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
     finally:
-        phase.close()
+        phase.close(cancel=interrupted)
+
+
+@contextmanager
+def _own_signal_handlers():
+    """Give back SIGINT/SIGUSR1 after ``Tuner.fit``: Tune installs its own and keeps them, so
+    a first Ctrl-C in the Hessian phase would only print Tune's stop message."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    saved = {kind: signal.getsignal(kind) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in saved.items():
+            signal.signal(kind, handler)
 
 
 def _log_timings(client, parent_id: str, timings: dict[str, float]) -> None:
@@ -306,8 +336,11 @@ def _check_data(exp: Experiment) -> None:
         raise UserInputError(f"dataset {exp.dataset!r}: {err}") from None
 
 
-def _init_ray(address: str | None, exp: Experiment) -> None:
-    """Join ``address`` (or RAY_ADDRESS) or start a private local Ray, checked to be usable."""
+def _init_ray(address: str | None, exp: Experiment, training: bool = True) -> None:
+    """Join ``address`` (or RAY_ADDRESS) or start a private local Ray, checked to be usable.
+
+    ``training=False`` (``analyze``) checks only what the Hessian actors need.
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -315,22 +348,34 @@ def _init_ray(address: str | None, exp: Experiment) -> None:
         _check_reachable(address)
         try:
             ray.init(address=address)
-        except ConnectionError as err:
+        except (ConnectionError, ValueError) as err:
             raise UserInputError(
-                f"--address {address!r}: {_first_line(err)}; start a cluster (`ray start "
-                "--head`), fix --address / RAY_ADDRESS, or leave both unset to run locally"
+                f"--address {address!r}: {_first_line(err)}; give host:port or ray://host:port "
+                "of a running cluster (`ray start --head`), fix --address / RAY_ADDRESS, or "
+                "leave both unset to run locally"
             ) from None
-    else:
-        # "local" starts a private instance: never attach to another process's Ray.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        _check_resources(exp, ray.cluster_resources())
+        return
+    # "local" starts a private instance: never attach to another process's Ray.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        _check_resources(exp, ray.cluster_resources(), training)
+    except UserInputError:
+        ray.shutdown()  # a later call in this process checks again instead of reusing it
+        raise
 
 
 def _check_reachable(address: str) -> None:
     """Fail fast on a ``host:port`` nobody listens on (Ray itself retries for minutes)."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "ray":
+        raise UserInputError(
+            f"--address {address!r}: a Ray address is host:port (the head node's GCS port, "
+            f"6379 by default) or ray://host:port (Ray Client), not a {scheme}:// URL"
+        )
+    host, sep, port = (rest if sep else address).rpartition(":")
     if not sep or not port.isdigit():
         return  # "auto" and the like: Ray reports those itself
+    host = host.strip("[]")  # [::1]:6379
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as err:
@@ -341,15 +386,14 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def _check_resources(exp: Experiment, total: dict[str, float]) -> None:
+def _check_resources(exp: Experiment, total: dict[str, float], training: bool = True) -> None:
     """Refuse resource settings this (local, fixed-size) Ray can never satisfy: they hang."""
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     r, h = exp.resources, exp.hessian
-    needs = [
-        ("resources.cpus", r.cpus, cpus, "CPU"),
-        ("resources.gpus", r.gpus, gpus, "GPU"),
-    ]
-    if h.enabled:
+    needs = []
+    if training:
+        needs += [("resources.cpus", r.cpus, cpus, "CPU"), ("resources.gpus", r.gpus, gpus, "GPU")]
+    if h.enabled or not training:
         needs += [
             (
                 "hessian.num_actors x hessian.cpus_per_actor",
@@ -386,7 +430,13 @@ def _log_sweep_params(client, parent_id: str, exp: Experiment) -> None:
 
 
 def _write_state(sweep_dir: str, exp: Experiment, parent_id: str | None, uri: str) -> None:
-    """The sweep's spec and MLflow run beside its trials: what ``resume`` restores from."""
+    """The sweep's spec and MLflow run beside its trials: what ``resume`` restores from.
+
+    A relative SQLite store is saved with its absolute path, so ``resume`` finds it from
+    any folder.
+    """
+    if uri.startswith("sqlite:///"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     state = {"spec": exp.model_dump(mode="json"), "parent_run_id": parent_id, "tracking_uri": uri}
     target = join(sweep_dir, STATE_FILE)
     try:

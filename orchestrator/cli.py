@@ -59,7 +59,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _warn_unfair(exp: Any) -> None:
     """Say so when batch sizes will not be compared at a common training loss."""
-    if exp.training.get("target_train_loss") is None:
+    searched = exp.search is not None and "target_train_loss" in exp.search.space
+    if exp.training.get("target_train_loss") is None and not searched:
         print(
             "hessweep: warning: training.target_train_loss is not set, so every trial stops "
             "at training.max_epochs and batch sizes are compared at different training "
@@ -77,17 +78,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         result = run_experiment(exp, address=args.address, tracking_uri=args.tracking_uri)
-    except KeyboardInterrupt:
-        return _interrupted(exp.name)
+    except KeyboardInterrupt as stop:
+        return _interrupted(stop, args.address)
     return _summary(result, time.perf_counter() - start)
 
 
-def _interrupted(name: str) -> int:
-    print(
-        f"hessweep: interrupted; the sweep's state is saved: continue with "
-        f"`hessweep resume {name}`",
-        file=sys.stderr,
-    )
+def _interrupted(stop: KeyboardInterrupt, address: str | None) -> int:
+    """Exit 130 with the exact ``resume`` command when the sweep's state was saved."""
+    sweep_dir = getattr(stop, "sweep_dir", None)
+    if sweep_dir is None:
+        print("hessweep: interrupted", file=sys.stderr)
+    else:
+        where = f" --address {address}" if address else ""
+        print(
+            "hessweep: interrupted; the sweep's state is saved: continue with "
+            f"`hessweep resume {redact_text(sweep_dir)}{where}`",
+            file=sys.stderr,
+        )
     return EXIT_INTERRUPTED
 
 
@@ -115,8 +122,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     except NothingToDo as done:
         print(f"hessweep: {done}")
         return 0
-    except KeyboardInterrupt:
-        return _interrupted(args.name)
+    except KeyboardInterrupt as stop:
+        return _interrupted(stop, args.address)
     return _summary(result, time.perf_counter() - start)
 
 

@@ -9,3 +9,11 @@ class UserInputError(ValueError):
 
 class NothingToDo(Exception):
     """The request is already satisfied (e.g. resuming a finished sweep); not an error."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: its state is saved in ``sweep_dir``, where ``resume`` finds it."""
+
+    def __init__(self, sweep_dir: str) -> None:
+        super().__init__(sweep_dir)
+        self.sweep_dir = sweep_dir

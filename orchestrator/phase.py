@@ -138,9 +138,9 @@ class HessianPhase:
         for future in list(self._futures.values()):
             future.result()
 
-    def close(self) -> None:
-        """Stop the executor and the actors."""
-        self._executor.shutdown(wait=True)
+    def close(self, cancel: bool = False) -> None:
+        """Stop the executor and the actors; ``cancel`` drops analyses not yet started."""
+        self._executor.shutdown(wait=True, cancel_futures=cancel)
         if self._pool is not None:
             self._pool.close()
             self._pool = None

@@ -132,9 +132,11 @@ def neg_fraction(eig_max: np.ndarray, eig_min: np.ndarray, rtol: float = NEG_RTO
     classified sample's input Hessian can be ~1e-160, where the sign of what is left is
     rounding, and a per-sample scale counted it as clearly negative.
     """
-    if not len(eig_max):
+    scale = np.abs(eig_max)
+    scale = scale[np.isfinite(scale)]
+    if not len(scale):
         return float("nan")
-    return float(np.mean(eig_min < -rtol * np.abs(eig_max).max()))
+    return float(np.mean(eig_min < -rtol * scale.max()))
 
 
 def _local_batches(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

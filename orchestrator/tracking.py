@@ -201,6 +201,11 @@ class TrackingCallback(Callback):
         self.log_seconds = 0.0
         _LIVE[parent_run_id] = self
 
+    def use_store(self, tracking_uri: str) -> None:
+        """Log to ``tracking_uri`` from now on (a resumed sweep's, which may be given anew)."""
+        if tracking_uri != self.tracking_uri:
+            self.tracking_uri, self._client = tracking_uri, None
+
     @classmethod
     def live(cls, parent_run_id: str) -> TrackingCallback:
         """The callback instance Tune is using for this sweep (also after a restore)."""

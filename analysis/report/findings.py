@@ -147,8 +147,9 @@ def excluded(trials: pd.DataFrame) -> list[str]:
             out.append(f"left out, {label}: {names}")
     if len(trials) and trials["reached_target"].astype(float).isna().all():
         line = (
-            "caveat: no target_train_loss was set, so every trial stopped at max_epochs and "
-            "batch sizes are compared at different training losses, not at a common one"
+            "caveat: no target_train_loss was set, so batch sizes are compared at whatever "
+            "training loss their trials ended at (max_epochs, or a scheduler's stop), not at "
+            "a common one"
         )
         losses = trials.get("train_loss", pd.Series(dtype=float)).astype(float)
         losses = losses[np.isfinite(losses)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from orchestrator.api import (
     _log_timings,
 )
 from orchestrator.cli import _summary, main
-from orchestrator.errors import UserInputError
+from orchestrator.errors import SweepInterrupted, UserInputError
 from orchestrator.spec import Experiment
 
 SPEC = {"name": "api", "dataset": "synthetic", "model": "mlp", "batch_sizes": [32]}
@@ -46,6 +47,13 @@ def test_resources_that_fit_pass_and_a_disabled_hessian_phase_needs_no_actors():
     _check_resources(_exp(hessian={"enabled": False, "num_actors": 3}), {"CPU": 2.0})
 
 
+def test_analyze_checks_only_what_the_actors_need():
+    _check_resources(_exp(resources={"cpus": 8}), {"CPU": 2.0}, training=False)
+    off = _exp(hessian={"enabled": False, "num_actors": 3})  # analyze starts actors anyway
+    with pytest.raises(UserInputError, match=r"hessian\.num_actors"):
+        _check_resources(off, {"CPU": 2.0}, training=False)
+
+
 def test_an_address_nobody_listens_on_fails_in_seconds_naming_it():
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
@@ -55,6 +63,12 @@ def test_an_address_nobody_listens_on_fails_in_seconds_naming_it():
         _check_reachable(f"127.0.0.1:{port}")
     assert time.perf_counter() - start < 10  # Ray itself retried for minutes
     _check_reachable("auto")  # no host:port: left to Ray
+    with socket.socket(socket.AF_INET6) as server:  # a bracketed IPv6 address is reachable
+        server.bind(("::1", 0))
+        server.listen()
+        _check_reachable(f"[::1]:{server.getsockname()[1]}")
+    with pytest.raises(UserInputError, match="not a http:// URL"):
+        _check_reachable("http://127.0.0.1:8265")
 
 
 def test_first_line_takes_the_trials_own_error_from_rays_wrapping():
@@ -74,20 +88,36 @@ def test_timings_add_up_over_the_sessions_of_a_resumed_sweep(tmp_path):
     assert sorted((m.step, m.value) for m in history) == [(0, 95.0), (1, 100.0)]
 
 
-class _InterruptedGrid(list):
-    """What Tuner.fit returns after Tune caught Ctrl-C: trials neither finished nor failed."""
-
-    num_terminated, num_errors = 1, 0
+def _grid(*metrics: dict) -> list:
+    """Tune's results: after Ctrl-C it marks stopped trials TERMINATED; only finished ones
+    reported ``done``."""
+    return [SimpleNamespace(error=None, metrics=m, config={}) for m in metrics]
 
 
 def test_an_interrupted_fit_is_an_interruption_and_the_parent_run_is_killed(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     parent = client.create_run(client.create_experiment("t")).info.run_id
-    tuner = SimpleNamespace(fit=lambda: _InterruptedGrid([object(), object()]))
+
+    def fit():
+        signal.signal(signal.SIGINT, lambda *_: None)  # what Tune does, and keeps
+        return _grid({"done": True, "epoch": 3}, {"done": False, "epoch": 1}, {})
+
+    before = signal.getsignal(signal.SIGINT)
+    tuner = SimpleNamespace(fit=fit)
     callback = SimpleNamespace(on_complete=None)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SweepInterrupted) as stop:
         _drive(_exp(), tuner, client, callback, parent, "", str(tmp_path), lambda _: None)
+    assert stop.value.sweep_dir == str(tmp_path)  # where `hessweep resume` is pointed
     assert client.get_run(parent).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is before  # a later Ctrl-C is ours again
+
+
+def test_the_interruption_hint_names_the_sweep_folder_and_the_address(capsys):
+    from orchestrator.cli import _interrupted
+
+    assert _interrupted(SweepInterrupted("/data/sweeps/x-20260101-000000"), "10.0.0.1:6379") == 130
+    err = capsys.readouterr().err
+    assert "hessweep resume /data/sweeps/x-20260101-000000 --address 10.0.0.1:6379" in err
 
 
 def test_failed_trials_are_listed_and_make_the_exit_code_1(capsys, tmp_path):

@@ -37,8 +37,9 @@ def _children(client: MlflowClient):
     return client.search_runs([exp.experiment_id], filter_string="tags.`hessweep.role` = 'trial'")
 
 
-def test_driver_killed_mid_sweep_resumes_without_duplicates(ray_session, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def _run_until_epochs(tmp_path: Path, stop: int) -> tuple[MlflowClient, subprocess.Popen, Path]:
+    """Start `hessweep run` in its own process group; send ``stop`` to the group once a
+    trial has logged 3 epochs (a terminal's Ctrl-C reaches the whole group too)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = tmp_path / "killed.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "storage": str(tmp_path / "ray"), "tracking_uri": uri}))
@@ -74,8 +75,36 @@ def test_driver_killed_mid_sweep_resumes_without_duplicates(ray_session, tmp_pat
                 f"the sweep never logged 3 epochs; driver log:\n{log.read_text()[-3000:]}"
             )
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(proc.pid, stop)
+    return client, proc, log
+
+
+def test_ctrl_c_mid_sweep_stops_it_resumably_without_analysing_partial_models(tmp_path):
+    client, proc, log = _run_until_epochs(tmp_path, signal.SIGINT)
+    try:
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    (sweep,) = (tmp_path / "ray").glob("killed-*")
+    assert code == 130, text[-3000:]
+    assert f"continue with `hessweep resume {sweep}`" in text
+    assert "Traceback" not in text
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("killed").experiment_id],
+        filter_string="tags.`hessweep.role` = 'sweep'",
+    )
+    assert parent.info.status == "KILLED"  # so `resume` continues it (FINISHED: nothing to do)
+    for run in _children(client):
+        assert len(_steps(client, run.info.run_id)) < 150
+        assert "hessian/eig_1" not in run.data.metrics  # no Hessian phase on unfinished trials
+
+
+def test_driver_killed_mid_sweep_resumes_without_duplicates(ray_session, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    client, proc, _ = _run_until_epochs(tmp_path, signal.SIGKILL)
+    proc.wait()
     before = {r.info.run_id: _steps(client, r.info.run_id) for r in _children(client)}
     assert all(len(s) < 150 for s in before.values()), "killed too late to test a resume"
 

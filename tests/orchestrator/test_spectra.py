@@ -163,6 +163,8 @@ def test_neg_fraction_is_relative_to_the_largest_eigenvalue_of_all_samples():
     # (seen in a sweep: eig_max -1.2e-162, eig_min -6.4e-159 was counted as negative)
     underflow = neg_fraction(np.array([25.0, -1.2e-162]), np.array([0.0, -6.4e-159]))
     assert underflow == 0.0
+    assert neg_fraction(np.array([np.nan, 1.0]), np.array([0.0, -0.5])) == 0.5  # NaN: no scale
+    assert math.isnan(neg_fraction(np.array([np.nan]), np.array([-1.0])))
     assert math.isnan(neg_fraction(np.zeros(0), np.zeros(0)))
 
 
