@@ -62,9 +62,9 @@ def _warn_unfair(exp: Any) -> None:
     searched = exp.search is not None and "target_train_loss" in exp.search.space
     if exp.training.get("target_train_loss") is None and not searched:
         print(
-            "hessweep: warning: training.target_train_loss is not set, so every trial stops "
-            "at training.max_epochs and batch sizes are compared at different training "
-            "losses (the paper compares them at a common one); set it, e.g. "
+            "hessweep: warning: training.target_train_loss is not set, so trials stop at "
+            "training.max_epochs (or a scheduler's stop) and batch sizes are compared at "
+            "different training losses (the paper compares them at a common one); set it, e.g. "
             "--set training.target_train_loss=0.1",
             file=sys.stderr,
         )
@@ -261,16 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
         p.add_argument("--tracking-uri", help=f"MLflow store (default: {store})")
 
+    def spec_and_overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", help="spec file or experiment name, e.g. demo")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a spec field, e.g. --set batch_sizes=[32,512] "
+            "--set training.lr=0.1 (repeatable)",
+        )
+
     p = sub.add_parser("run", help="run an experiment spec (a path, or a name in experiments/)")
-    p.add_argument("spec", help="spec file or experiment name, e.g. demo")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec field, e.g. --set batch_sizes=[32,512] "
-        "--set training.lr=0.1 (repeatable)",
-    )
+    spec_and_overrides(p)
     common(p, store="MLFLOW_TRACKING_URI, the spec's tracking_uri, else sqlite:///runs/mlflow.db")
     p.set_defaults(func=cmd_run)
 
@@ -285,14 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("validate", help="check a spec and print the grid it expands to")
-    p.add_argument("spec", help="spec file or experiment name, e.g. demo")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec field as `run` would (repeatable)",
-    )
+    spec_and_overrides(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(
