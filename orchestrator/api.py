@@ -43,6 +43,7 @@ from orchestrator.tracking import (
     finite_metrics,
     log_batch,
     resolve_tracking_uri,
+    sqlite_path,
 )
 from trainables.data import load_dataset
 
@@ -122,8 +123,8 @@ def resume_experiment(
     exp = Experiment.from_dict(state["spec"], source=state_file)
     uri = tracking_uri or state["tracking_uri"]
     parent_id = state["parent_run_id"]
-    client = _sweep_store(uri, parent_id, state["tracking_uri"])
-    if client.get_run(parent_id).info.status == "FINISHED":
+    client, parent = _sweep_store(uri, parent_id, state["tracking_uri"])
+    if parent.info.status == "FINISHED":
         raise NothingToDo(
             f"sweep {redact_text(sweep_dir)} already finished (MLflow run {parent_id}); "
             f"nothing to resume. `hessweep report {exp.name}` builds its paper report."
@@ -143,23 +144,23 @@ def resume_experiment(
     return _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress)
 
 
-def _sweep_store(uri: str, parent_id: str, logged_to: str):
-    """A client for the store holding the sweep's parent run; never creates a new store."""
+def _sweep_store(uri: str, parent_id: str, logged_to: str) -> tuple[Any, Any]:
+    """A client for the store holding the sweep's parent run, and that run; never creates
+    a new store."""
     hint = (
         f"the sweep was logged to {redact_text(logged_to)}; give that store with "
         "--tracking-uri (or leave it out)"
     )
-    path = uri.removeprefix("sqlite:///")
-    if uri.startswith("sqlite:///") and not Path(path).exists():
-        raise UserInputError(f"--tracking-uri {redact_text(uri)}: no such store ({path}); {hint}")
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise UserInputError(f"--tracking-uri {redact_text(uri)}: no such store ({db}); {hint}")
     client = connect(uri)
     try:
-        client.get_run(parent_id)
+        return client, client.get_run(parent_id)
     except MlflowException:
         raise UserInputError(
             f"--tracking-uri {redact_text(uri)}: it has no MLflow run {parent_id}; {hint}"
         ) from None
-    return client
 
 
 def find_sweep_dir(name_or_dir: str, storage: str = "runs/ray") -> str:
@@ -435,8 +436,9 @@ def _write_state(sweep_dir: str, exp: Experiment, parent_id: str | None, uri: st
     A relative SQLite store is saved with its absolute path, so ``resume`` finds it from
     any folder.
     """
-    if uri.startswith("sqlite:///"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    db = sqlite_path(uri)
+    if db is not None:
+        uri = f"sqlite:///{db.resolve()}"
     state = {"spec": exp.model_dump(mode="json"), "parent_run_id": parent_id, "tracking_uri": uri}
     target = join(sweep_dir, STATE_FILE)
     try:

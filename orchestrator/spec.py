@@ -142,9 +142,10 @@ class SearchSpec(_Strict):
                     f"{want or 'a non-empty list of'} values, got {args!r}"
                 )
             if want is not None and not all(_is_number(a) for a in args):
+                bad = next(a for a in args if not _is_number(a))
                 raise ValueError(
-                    f"search.space.{key}.{kind}: bounds must be numbers, got {args!r} "
-                    "(YAML reads 1e-4 without a dot as text: write 1.0e-4)"
+                    f"search.space.{key}.{kind}: bounds must be numbers, got {args!r}"
+                    f"{text_number_hint(bad)}"
                 )
             if kind in ("loguniform", "qloguniform") and min(args[:2]) <= 0:
                 raise ValueError(f"search.space.{key}.{kind}: bounds must be > 0, got {args!r}")

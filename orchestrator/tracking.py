@@ -53,6 +53,13 @@ def resolve_tracking_uri(explicit: str | None = None, spec_uri: str | None = Non
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or DEFAULT_TRACKING_URI
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store (relative or absolute), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///"))
+
+
 @contextlib.contextmanager
 def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
     """Hold an exclusive lock beside a SQLite store while MLflow creates or migrates it.
@@ -60,10 +67,10 @@ def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
     MLflow builds a new store's tables in several migrations; two processes doing it at
     once (two ``hessweep`` commands started together) leave one or both failing.
     """
-    if not tracking_uri.startswith("sqlite:///"):
+    db = sqlite_path(tracking_uri)
+    if db is None:
         yield
         return
-    db = Path(tracking_uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

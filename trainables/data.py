@@ -124,15 +124,18 @@ def default_root() -> Path:
 
 def expected_files(name: str, root: str | os.PathLike[str]) -> str:
     """Where a downloadable data set's files must lie, for people who copy them by hand."""
-    if name == "mnist":
-        folder, files = Path(root) / "MNIST" / "raw", _MNIST_FILES
-    else:
-        from torchvision.datasets import CIFAR10, CIFAR100
-
-        cls = CIFAR10 if name == "cifar10" else CIFAR100
-        folder = Path(root) / cls.base_folder
-        files = _CIFAR10_FILES if name == "cifar10" else _CIFAR100_FILES
+    folder, files = _layout(name, Path(root))
     return f"{', '.join(files)} in {folder}"
+
+
+def _layout(name: str, root: Path) -> tuple[Path, Sequence[str]]:
+    """The folder torchvision reads a downloadable data set from, and its files there."""
+    if name == "mnist":
+        return root / "MNIST" / "raw", _MNIST_FILES
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    return root / cls.base_folder, _CIFAR10_FILES if name == "cifar10" else _CIFAR100_FILES
 
 
 def load_dataset(
@@ -215,7 +218,7 @@ def _load_mnist(root: Path, download: bool) -> DataSplits:
     """MNIST through torchvision's own class (idx files under root/MNIST/raw/)."""
     from torchvision.datasets import MNIST
 
-    raw = root / "MNIST" / "raw"
+    raw, _ = _layout("mnist", root)
     _gunzip_missing(raw, _MNIST_FILES)
     missing = _missing(raw, _MNIST_FILES)
     if missing and not download:
@@ -233,8 +236,7 @@ def _load_cifar(name: str, root: Path, download: bool, verify_checksums: bool) -
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if name == "cifar10" else CIFAR100
-    files = _CIFAR10_FILES if name == "cifar10" else _CIFAR100_FILES
-    folder = root / cls.base_folder
+    folder, files = _layout(name, root)
     if not verify_checksums:
         cls = _without_md5(cls)
     missing = _missing(folder, files)
