@@ -62,7 +62,7 @@ class ExperimentResult:
     tracking_uri: str
     sweep_dir: str
     timings: dict[str, float] = field(default_factory=dict)
-    failed_trials: tuple[str, ...] = ()  # "label: first line of its error", one per trial
+    failed_trials: tuple[str, ...] = ()  # "label: last line of its error", one per trial
 
 
 def run_experiment(
@@ -134,7 +134,7 @@ def resume_experiment(
         tuner = restore_tuner(exp, sweep_dir)
     except (OSError, ValueError, RuntimeError) as err:
         raise UserInputError(
-            f"{redact_text(sweep_dir)}: Tune cannot restore this sweep ({_first_line(err)}); "
+            f"{redact_text(sweep_dir)}: Tune cannot restore this sweep ({_error_summary(err)}); "
             "start it again with `hessweep run`"
         ) from None
     callback = TrackingCallback.live(parent_id)
@@ -261,7 +261,7 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
         timings["tracking_s"] = callback.log_seconds
         _log_timings(client, parent_id, timings)
         failed = tuple(
-            f"{_label(r.config)}: {_first_line(r.error)}" for r in grid if r.error is not None
+            f"{_label(r.config)}: {_error_summary(r.error)}" for r in grid if r.error is not None
         )
         client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
         progress(to_markdown(table))
@@ -301,8 +301,9 @@ def _log_timings(client, parent_id: str, timings: dict[str, float]) -> None:
     log_batch(client, parent_id, finite_metrics(totals, step))
 
 
-def _first_line(error: BaseException) -> str:
-    """The last non-empty line of an error's text (Ray wraps the trial's own error first)."""
+def _error_summary(error: BaseException) -> str:
+    """The last non-empty line of an error's text: Ray puts the trial's own error last,
+    after its traceback."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return (lines[-1] if lines else type(error).__name__)[:300]
 
@@ -351,7 +352,7 @@ def _init_ray(address: str | None, exp: Experiment, training: bool = True) -> No
             ray.init(address=address)
         except (ConnectionError, ValueError) as err:
             raise UserInputError(
-                f"--address {address!r}: {_first_line(err)}; give host:port or ray://host:port "
+                f"--address {address!r}: {_error_summary(err)}; give host:port or ray://host:port "
                 "of a running cluster (`ray start --head`), fix --address / RAY_ADDRESS, or "
                 "leave both unset to run locally"
             ) from None
@@ -389,27 +390,17 @@ def _check_reachable(address: str) -> None:
 
 def _check_resources(exp: Experiment, total: dict[str, float], training: bool = True) -> None:
     """Refuse resource settings this (local, fixed-size) Ray can never satisfy: they hang."""
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     r, h = exp.resources, exp.hessian
     needs = []
     if training:
-        needs += [("resources.cpus", r.cpus, cpus, "CPU"), ("resources.gpus", r.gpus, gpus, "GPU")]
+        needs += [("resources.cpus", r.cpus, "CPU"), ("resources.gpus", r.gpus, "GPU")]
     if h.enabled or not training:
         needs += [
-            (
-                "hessian.num_actors x hessian.cpus_per_actor",
-                h.num_actors * h.cpus_per_actor,
-                cpus,
-                "CPU",
-            ),
-            (
-                "hessian.num_actors x hessian.gpus_per_actor",
-                h.num_actors * h.gpus_per_actor,
-                gpus,
-                "GPU",
-            ),
+            ("hessian.num_actors x hessian.cpus_per_actor", h.num_actors * h.cpus_per_actor, "CPU"),
+            ("hessian.num_actors x hessian.gpus_per_actor", h.num_actors * h.gpus_per_actor, "GPU"),
         ]
-    for field_name, wanted, have, kind in needs:
+    for field_name, wanted, kind in needs:
+        have = total.get(kind, 0.0)
         if wanted > have:
             raise UserInputError(
                 f"{field_name} = {wanted:g} but this machine's Ray has {have:g} {kind}(s), so "

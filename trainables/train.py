@@ -290,11 +290,12 @@ def _run(
     """Epochs until max_epochs, convergence or divergence; `hook` gets each epoch's metrics."""
     x_train, y_train = (t.to(device) for t in (data.train.images, data.train.labels))
     x_test, y_test = (t.to(device) for t in (data.test.images, data.test.labels))
+    peak_lr = _peak_lr(cfg, len(y_train))
     while state.epoch < cfg.max_epochs and not _finished(state.history):
         grad_norm, lr, step_diverged = _train_epoch(cfg, state, x_train, y_train)
         state.epoch += 1
         metrics = _epoch_metrics(cfg, state, (x_train, y_train), (x_test, y_test))
-        metrics.update(grad_norm=grad_norm, lr=lr, peak_lr=_peak_lr(cfg, len(y_train)))
+        metrics.update(grad_norm=grad_norm, lr=lr, peak_lr=peak_lr)
         diverged = step_diverged or not math.isfinite(metrics["train/loss"])
         if cfg.hessian_every and state.epoch % cfg.hessian_every == 0 and not diverged:
             metrics[CURVATURE_KEY] = curvature(state.model, x_train, y_train, cfg.seed)

@@ -14,7 +14,7 @@ from orchestrator.api import (
     _check_reachable,
     _check_resources,
     _drive,
-    _first_line,
+    _error_summary,
     _log_timings,
 )
 from orchestrator.cli import _summary, main
@@ -71,10 +71,10 @@ def test_an_address_nobody_listens_on_fails_in_seconds_naming_it():
         _check_reachable("http://127.0.0.1:8265")
 
 
-def test_first_line_takes_the_trials_own_error_from_rays_wrapping():
+def test_error_summary_takes_the_trials_own_error_from_rays_wrapping():
     err = RuntimeError("ray::train()\n  File x, line 3\nConfigError: config key 'device'\n")
-    assert _first_line(err) == "ConfigError: config key 'device'"
-    assert _first_line(RuntimeError("")) == "RuntimeError"
+    assert _error_summary(err) == "ConfigError: config key 'device'"
+    assert _error_summary(RuntimeError("")) == "RuntimeError"
 
 
 def test_timings_add_up_over_the_sessions_of_a_resumed_sweep(tmp_path):
