@@ -59,10 +59,13 @@ class KrylovBasis:
         ``rows`` selects which rows' bases ``w`` (one row per selected basis) is held against.
         """
         parts = [self._part(i, rows) for i in range(len(self.blocks))]
-        coeffs = [torch.einsum("bmd,bd->bm", part, w) for part in parts]
+        coeffs = [torch.bmm(part, w[:, :, None]) for part in parts]
+        out = w.clone()
         for part, c in zip(parts, coeffs, strict=True):
-            w = w - torch.einsum("bm,bmd->bd", c, part)
-        return w
+            # in place: the basis is read once for the coefficients and once here, and no
+            # temporary the size of w is made per block (memory-bound on large models)
+            out[:, None, :].baddbmm_(c.transpose(1, 2), part, alpha=-1)
+        return out
 
     def orthogonalise(self, w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Remove from each row of ``w`` its components along that row's basis.

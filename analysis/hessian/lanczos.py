@@ -127,11 +127,14 @@ def lanczos_step(
     product = bop.matvec(q.to(bop.dtype), rows).reshape(q.shape)
     # The recurrence cancels most of H q (H q ~ alpha q once a Ritz pair converges), so
     # it runs in the basis' precision (float64 by default) whatever the operator's.
-    w = product.to(q.dtype)
-    a = (q * w).sum(dim=1)
-    w = w - a[:, None] * q
+    # in place on a copy (the product itself is kept by the caller): on a large model
+    # these steps are memory-bound, and every temporary is a vector of the model's size
+    w = product.to(q.dtype, copy=True)
+    a = torch.linalg.vecdot(q, w)
+    w.addcmul_(a[:, None], q, value=-1)
     if j > 0:
-        w = w - beta[:, j - 1].to(dtype=q.dtype, device=q.device)[:, None] * basis.column(j - 1)
+        prev = beta[:, j - 1].to(dtype=q.dtype, device=q.device)
+        w.addcmul_(prev[:, None], basis.column(j - 1), value=-1)
     w = basis.orthogonalise(w)
     alpha[:, j] = a.double().cpu()
     return w, w.norm(dim=1), product

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
+from analysis.hessian.dataconv import data_convolutions
 from analysis.hessian.graphcache import (
     backward_through,
     counting_saved_bytes,
@@ -49,7 +50,9 @@ class WeightHessian:
     tensors fit ``cache_bytes`` (default: a quarter of RAM up to 8 GiB, or 40% of free GPU
     memory; 0 turns caching off); chunks beyond it are differentiated afresh each time, by
     reverse-over-forward (``torch.func``) with a double-backward fallback. ``hvp="forward"``
-    never caches; ``hvp="reverse"`` uses double backward only.
+    never caches; ``hvp="reverse"`` uses double backward only. Convolutions of the data are
+    recorded so that the second backward skips their (unused) input gradient, which PyTorch
+    would otherwise compute (``dataconv``).
     """
 
     def __init__(
@@ -184,7 +187,7 @@ class WeightHessian:
         graphs, used = [], 0
         try:
             for x, y in self.chunks:
-                with torch.enable_grad(), counting_saved_bytes() as saved:
+                with torch.enable_grad(), counting_saved_bytes() as saved, data_convolutions():
                     grads = torch.autograd.grad(self._loss(theta, x, y), leaves, create_graph=True)
                 if used + saved[0] > self.cache_bytes:
                     break
@@ -246,8 +249,9 @@ class WeightHessian:
         total = None
         for x, y in batches:
             theta = {n: t.clone().requires_grad_(True) for n, t in self.theta.items()}
-            loss = self._loss(theta, x, y)
-            grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
+            with data_convolutions():
+                loss = self._loss(theta, x, y)
+                grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
             dot = sum((g * tangent[n]).sum() for g, n in zip(grads, self.names, strict=True))
             hv = torch.autograd.grad(dot, list(theta.values()))
             flat = torch.cat([h.reshape(-1) for h in hv])

@@ -1,0 +1,117 @@
+"""Data convolutions: the same first and second derivatives, without the data's gradient."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from analysis.hessian import WeightHessian
+from analysis.hessian.dataconv import data_convolutions
+from tests.analysis.hessian.reference import dense_weight_hessian
+
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _net(dim: int, **conv) -> nn.Module:
+    torch.manual_seed(dim)
+    net = nn.Sequential(CONVS[dim](4, 6, 3, **conv), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    return net.double()
+
+
+def _hvp(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: list, rewrite: bool) -> list:
+    params = list(net.parameters())
+    with data_convolutions() if rewrite else contextlib.nullcontext():
+        loss = nn.functional.cross_entropy(net(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+    return list(torch.autograd.grad(grads, params, v))
+
+
+@pytest.mark.parametrize(
+    ("dim", "conv"),
+    [
+        (1, {"stride": 2, "padding": 1}),
+        (2, {"stride": 2, "padding": 1, "dilation": 2, "groups": 2}),
+        (2, {"bias": False, "padding": (1, 0)}),
+        (3, {"stride": (1, 2, 1), "groups": 2}),
+        (2, {"padding": "same"}),  # a string padding is left to PyTorch
+    ],
+)
+def test_gradient_and_hessian_vector_product_are_unchanged(dim, conv):
+    net = _net(dim, **conv)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, *[9] * dim, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    net(x)
+    v = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in net.parameters()]
+    for plain, rewritten in zip(_hvp(net, x, y, v, False), _hvp(net, x, y, v, True), strict=True):
+        torch.testing.assert_close(rewritten, plain, rtol=1e-12, atol=1e-13)
+
+
+class _Convolutions(TorchDispatchMode):
+    """Records the output shape of every convolution that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten._convolution):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_the_product_no_longer_differentiates_the_data():
+    net = _net(2, stride=2)
+    x = torch.randn(8, 4, 10, 10, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    net(x)
+    v = [torch.randn_like(p) for p in net.parameters()]
+    seen = {}
+    for rewrite in (False, True):
+        params = list(net.parameters())
+        with data_convolutions() if rewrite else contextlib.nullcontext():
+            loss = nn.functional.cross_entropy(net(x), y)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+        with _Convolutions() as mode:
+            torch.autograd.grad(grads, params, v)
+        seen[rewrite] = mode.shapes
+    assert tuple(x.shape) in seen[False]  # PyTorch's double backward: a gradient w.r.t. x
+    assert tuple(x.shape) not in seen[True]
+    assert len(seen[True]) < len(seen[False])
+
+
+def test_an_input_that_needs_its_gradient_keeps_it():
+    net = _net(2, padding=1)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    with data_convolutions():
+        out = net(x).square().sum()
+    (gx,) = torch.autograd.grad(out, x)
+    (expected,) = torch.autograd.grad(net(x).square().sum(), x)
+    torch.testing.assert_close(gx, expected, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize(("hvp", "cache_bytes"), [("auto", None), ("reverse", 0)])
+def test_weight_hessian_of_a_strided_cnn_matches_the_dense_one(hvp, cache_bytes):
+    """Both paths that build a gradient graph (kept, or afresh per product) use the rewrite."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 2, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(36, 3),
+    ).double()
+    x = torch.randn(10, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    dense = dense_weight_hessian(model, x, y)
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]
+    op = WeightHessian(model, nn.CrossEntropyLoss(), data, hvp=hvp, cache_bytes=cache_bytes)
+    eye = torch.eye(op.size, dtype=torch.float64)
+    columns = torch.stack([op.matvec(e) for e in eye], dim=1)
+    torch.testing.assert_close(columns, dense, rtol=1e-10, atol=1e-12)
