@@ -48,22 +48,46 @@ class InputHessian:
         self.loss_fn = loss_fn
         self.size = int(x[0].numel())
         self.batch = int(x.shape[0])
+        self._graph: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _loss(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         return summed_loss(self.loss_fn, self.model(xs), ys)
 
     def matvec(self, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Apply sample ``rows[i]``'s input Hessian to ``v[i]`` for every i, in one pass."""
+        """Apply sample ``rows[i]``'s input Hessian to ``v[i]`` for every i, in one pass.
+
+        Double backward through a kept gradient graph (w.r.t. the input it needs no weight
+        gradients; 1.3-1.6x faster than forward-over-reverse here, and keeping the graph
+        halves a product again). The graph is built for the rows asked for and kept while at
+        least half of its rows are still asked for; finished rows get a zero direction.
+        """
         rows = rows.to(self.device)
-        xs, ys = self.x[rows], self.y[rows]
-        t = v.reshape(xs.shape).to(self.dtype)
-        # Double backward: w.r.t. the input it needs no weight gradients, and it measured
-        # 1.3-1.6x faster than forward-over-reverse or reverse-over-forward here.
-        with eval_mode(self.model), exact_float32(), torch.enable_grad():
-            z = xs.detach().requires_grad_(True)  # xs is already a fresh copy (indexing)
-            (g,) = torch.autograd.grad(self._loss(z, ys), z, create_graph=True)
-            (hv,) = torch.autograd.grad(g, z, grad_outputs=t)
+        with exact_float32():
+            kept, z, g = self._graph_for(rows)
+            t = v.reshape(len(rows), *self.x.shape[1:]).to(self.dtype)
+            same = len(rows) == len(kept) and bool((rows == kept).all())
+            pos = None if same else torch.searchsorted(kept, rows)
+            if pos is not None:
+                t = torch.zeros_like(z).index_copy_(0, pos, t)
+            (hv,) = torch.autograd.grad(g, z, grad_outputs=t, retain_graph=True)
+        if pos is not None:
+            hv = hv[pos]
         return hv.reshape(len(rows), -1)
+
+    def _graph_for(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept ``(rows, input, gradient)`` graph if it covers ``rows``, else a new one."""
+        if self._graph is not None:
+            kept = self._graph[0]
+            pos = torch.searchsorted(kept, rows).clamp_max(len(kept) - 1)
+            if 2 * len(rows) >= len(kept) and bool((kept[pos] == rows).all()):
+                return self._graph
+        self._graph = None  # free the old graph before building the next one
+        order = rows.sort().values
+        with eval_mode(self.model), torch.enable_grad():
+            z = self.x[order].detach().requires_grad_(True)  # indexing made a fresh copy
+            (g,) = torch.autograd.grad(self._loss(z, self.y[order]), z, create_graph=True)
+        self._graph = (order, z, g)
+        return self._graph
 
 
 def input_hessian_spectrum(

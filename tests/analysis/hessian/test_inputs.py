@@ -95,3 +95,26 @@ def test_clear_errors():
         input_hessian_eigenvalues(model, CE, x, y, k=7)
     with pytest.raises(ValueError, match="which must be one of"):
         input_hessian_eigenvalues(model, CE, x, y, which="top")
+
+
+def test_products_over_changing_rows_match_dense_hessians():
+    """The kept graph serves any subset in any order; a small subset gets its own graph."""
+    from analysis.hessian import InputHessian
+
+    model = make_mlp(act=nn.Tanh)
+    x, y = make_data(8, (6,))
+    model.eval()
+    dense = torch.stack(
+        [
+            torch.func.hessian(lambda z, yi=yi: CE(model(z[None]), yi[None]))(xi)
+            for xi, yi in zip(x, y, strict=True)
+        ]
+    )
+    op = InputHessian(model, CE, x, y)
+    gen = torch.Generator().manual_seed(0)
+    for rows in ([0, 1, 2, 3, 4, 5, 6, 7], [7, 2, 5, 0, 1], [3, 6, 1, 4], [6, 1], [1, 6]):
+        r = torch.tensor(rows)
+        v = torch.randn(len(rows), 6, generator=gen, dtype=torch.float64)
+        want = torch.einsum("bij,bj->bi", dense[r], v)
+        torch.testing.assert_close(op.matvec(v, r), want, rtol=1e-10, atol=1e-12)
+    assert op._graph[0].tolist() == [1, 6]  # rebuilt once fewer than half were asked for
