@@ -404,17 +404,23 @@ class Experiment(_Strict):
             raise UserInputError(format_errors(source, err)) from None
 
     def with_overrides(self, **overrides: Any) -> Experiment:
-        """A new validated Experiment with fields replaced; dotted keys reach nested fields.
+        """A new validated Experiment with fields replaced; dotted keys reach nested fields
+        (``training__lr=0.1`` or ``**{"training.lr": 0.1}``).
 
-        Errors name the ``--set`` keys that caused them (all of them when none matches)."""
+        Errors name the overrides that caused them (all of them when none matches)."""
+        return self.overridden(overrides, via="override")
+
+    def overridden(self, overrides: dict[str, Any], via: str = "--set") -> Experiment:
+        """``with_overrides`` for a mapping; errors name each key as ``{via} key`` (the CLI's
+        ``--set``, or ``override`` from Python)."""
         data = self.model_dump(exclude_none=False)
         keys = [key.replace("__", ".") for key in overrides]
         for key, value in zip(keys, overrides.values(), strict=True):
-            set_dotted(data, key, value)
+            set_dotted(data, key, value, via)
         try:
             return Experiment.model_validate(data)
         except ValidationError as err:
-            raise UserInputError(format_errors(_override_source(keys, err), err)) from None
+            raise UserInputError(format_errors(_override_source(keys, err, via), err)) from None
 
     def to_param_space(self) -> dict[str, Any]:
         """The Tune param_space: grid over batch size x robust x seed, plus search spaces."""
@@ -459,11 +465,11 @@ def _training_key_hint(key: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def _override_source(keys: list[str], err: ValidationError) -> str:
-    """The ``--set`` keys whose fields the errors name, so the user sees which one to fix."""
+def _override_source(keys: list[str], err: ValidationError, via: str) -> str:
+    """The overridden keys whose fields the errors name, so the user sees which one to fix."""
     fields = [_error_field(e) for e in err.errors()]
     hit = [k for k in keys if any(_same_field(k, f) for f in fields)]
-    return ", ".join(f"--set {k}" for k in hit or keys)
+    return ", ".join(f"{via} {k}" for k in hit or keys)
 
 
 def _error_field(error: Any) -> str:
@@ -509,7 +515,7 @@ def search_domain(dist: dict[str, list[Any]]) -> Any:
     return getattr(tune, kind)(*args)
 
 
-def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], dotted: str, value: Any, via: str = "--set") -> None:
     """Set ``data['a']['b'] = value`` for ``dotted='a.b'``, creating mappings as needed."""
     parts = dotted.split(".")
     node = data
@@ -518,21 +524,26 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             node[part] = {}
         if not isinstance(node[part], dict):
             field = ".".join(parts[: i + 1])
-            raise UserInputError(f"--set {dotted}: {_not_a_mapping(field, node[part])}")
+            raise UserInputError(f"{via} {dotted}: {_not_a_mapping(field, node[part], via)}")
         node = node[part]
     node[parts[-1]] = value
 
 
-def _not_a_mapping(field: str, current: Any) -> str:
+def _not_a_mapping(field: str, current: Any, via: str) -> str:
     """Why ``field`` has no sub-keys to set, and how to set it whole instead."""
+
+    def example(value: str, python_value: str) -> str:
+        if via == "--set":
+            return f"--set {field}={value}"
+        return f"with_overrides({field.replace('.', '__')}={python_value})"
+
     if field == "robust":
-        return (
-            "robust is a list of settings, not a mapping; set the whole list, e.g. "
-            "--set robust='[{method: fgsm, epsilon: 0.2}]'"
-        )
+        whole = example("'[{method: fgsm, epsilon: 0.2}]'", "[{'method': 'fgsm', 'epsilon': 0.2}]")
+        return f"robust is a list of settings, not a mapping; set the whole list, e.g. {whole}"
     if isinstance(current, list):
-        return f"{field} is a list, not a mapping; set the whole list, e.g. --set {field}=[...]"
-    return f"{field} is not a mapping; set it whole, e.g. --set {field}=VALUE"
+        whole = example("[...]", "[...]")
+        return f"{field} is a list, not a mapping; set the whole list, e.g. {whole}"
+    return f"{field} is not a mapping; set it whole, e.g. {example('VALUE', 'VALUE')}"
 
 
 def format_errors(source: str, err: ValidationError) -> str:

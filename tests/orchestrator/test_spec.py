@@ -56,8 +56,20 @@ def test_overrides_return_a_new_validated_experiment():
     new = exp.with_overrides(batch_sizes=[32, 512], **{"training.lr": 0.2})
     assert new.batch_sizes == [32, 512] and new.training["lr"] == 0.2
     assert exp.batch_sizes == [16, 64]
-    with pytest.raises(UserInputError, match=r"training\.lr"):
-        exp.with_overrides(**{"training.lr": -1})
+    with pytest.raises(UserInputError, match=r"^override training\.lr: 1 problem"):
+        exp.with_overrides(training__lr=-1)
+    with pytest.raises(UserInputError, match=r"^--set training\.lr: 1 problem"):
+        exp.overridden({"training.lr": -1})
+
+
+def test_override_errors_show_the_form_the_caller_used():
+    exp = Experiment.from_dict(BASE)
+    with pytest.raises(UserInputError, match=r"e\.g\. with_overrides\(robust=\[\{'method'"):
+        exp.with_overrides(**{"robust.epsilon": 0.2})
+    with pytest.raises(UserInputError, match=r"e\.g\. --set robust='\[\{method"):
+        exp.overridden({"robust.epsilon": 0.2})
+    with pytest.raises(UserInputError, match=r"e\.g\. with_overrides\(seeds=\[\.\.\.\]\)"):
+        exp.with_overrides(seeds__x=1)
 
 
 BAD = [
