@@ -23,7 +23,13 @@ _DIMS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 
 
 def _tuple(value: int | Sequence[int], n: int) -> list[int]:
-    return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
+    return [int(v) for v in value] if isinstance(value, Sequence) else [int(value)] * n
+
+
+def _transformed(x: torch.Tensor) -> bool:
+    """Whether autocast or a torch.func transform is active (the Functions here define no
+    mixed-precision casts, ``jvp`` or ``vmap`` rule: such calls are left to PyTorch)."""
+    return torch.is_autocast_enabled(x.device.type) or torch._C._are_functorch_transforms_active()
 
 
 class _WeightGradient(torch.autograd.Function):
@@ -98,13 +104,15 @@ class _DataConvolution(torch.autograd.Function):
 
 def _as_data_convolution(args: tuple, kwargs: dict, n: int) -> torch.Tensor | None:
     """The call as a ``_DataConvolution``, or None where it does not apply (the input needs
-    a gradient, no parameter does, a string padding, an unbatched input)."""
+    a gradient, no parameter does, a string padding, an unbatched input, autocast or a
+    torch.func transform)."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     given = dict(zip(names, args, strict=False)) | kwargs
     x, weight, bias = given["input"], given["weight"], given.get("bias")
     padding = given.get("padding", 0)
     if (
         x.requires_grad
+        or _transformed(x)
         or x.dim() != n + 2
         or isinstance(padding, str)
         or not (weight.requires_grad or (bias is not None and bias.requires_grad))

@@ -7,7 +7,9 @@ sample's own Hessian at once; the batched Lanczos keeps one recurrence per sampl
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,8 +25,23 @@ from analysis.hessian.modelutil import (
 from analysis.hessian.results import BatchedEigenResult
 
 
+@dataclass(frozen=True)
+class _KeptGraph:
+    """A gradient graph over some samples, and the weights it was built at."""
+
+    rows: torch.Tensor  # ascending sample indices, on the CPU
+    weights: tuple[tuple[int, int], ...]  # (id, version) of every parameter and buffer
+    z: torch.Tensor
+    g: torch.Tensor
+
+
 class InputHessian:
-    """Per-sample input Hessians ``d^2 loss(model(x_i), y_i) / dx_i^2``: a BatchedOperator."""
+    """Per-sample input Hessians ``d^2 loss(model(x_i), y_i) / dx_i^2``: a BatchedOperator.
+
+    Products go through a kept gradient graph, built at the model's weights of the moment:
+    a weight replaced or changed in place (an optimiser step) is noticed and the graph
+    rebuilt, but not a write through ``.data``; ``release()`` frees the graph.
+    """
 
     def __init__(
         self,
@@ -48,7 +65,7 @@ class InputHessian:
         self.loss_fn = loss_fn
         self.size = int(x[0].numel())
         self.batch = int(x.shape[0])
-        self._graph: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._kept: _KeptGraph | None = None
 
     def _loss(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         return summed_loss(self.loss_fn, self.model(xs), ys)
@@ -59,35 +76,56 @@ class InputHessian:
         Double backward through a kept gradient graph (w.r.t. the input it needs no weight
         gradients; 1.3-1.6x faster than forward-over-reverse here, and keeping the graph
         halves a product again). The graph is built for the rows asked for and kept while at
-        least half of its rows are still asked for; finished rows get a zero direction.
+        least half of its rows are still asked for; finished rows get a zero direction. A
+        row asked for twice gets a graph of its own for this product.
         """
-        rows = rows.to(self.device)
+        wanted = rows.cpu()
+        t = v.reshape(len(wanted), *self.x.shape[1:]).to(self.dtype)
         with exact_float32():
-            kept, z, g = self._graph_for(rows)
-            t = v.reshape(len(rows), *self.x.shape[1:]).to(self.dtype)
-            same = len(rows) == len(kept) and bool((rows == kept).all())
-            pos = None if same else torch.searchsorted(kept, rows)
+            if wanted.unique().numel() < len(wanted):
+                z, g = self._build(wanted)
+                (hv,) = torch.autograd.grad(g, z, grad_outputs=t)
+                return hv.reshape(len(wanted), -1)
+            kept = self._kept_for(wanted)
+            same = len(wanted) == len(kept.rows) and bool((wanted == kept.rows).all())
+            pos = None if same else torch.searchsorted(kept.rows, wanted).to(self.device)
             if pos is not None:
-                t = torch.zeros_like(z).index_copy_(0, pos, t)
-            (hv,) = torch.autograd.grad(g, z, grad_outputs=t, retain_graph=True)
+                t = torch.zeros_like(kept.z).index_copy_(0, pos, t)
+            (hv,) = torch.autograd.grad(kept.g, kept.z, grad_outputs=t, retain_graph=True)
         if pos is not None:
             hv = hv[pos]
-        return hv.reshape(len(rows), -1)
+        return hv.reshape(len(wanted), -1)
 
-    def _graph_for(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kept ``(rows, input, gradient)`` graph if it covers ``rows``, else a new one."""
-        if self._graph is not None:
-            kept = self._graph[0]
-            pos = torch.searchsorted(kept, rows).clamp_max(len(kept) - 1)
-            if 2 * len(rows) >= len(kept) and bool((kept[pos] == rows).all()):
-                return self._graph
-        self._graph = None  # free the old graph before building the next one
+    def release(self) -> None:
+        """Free the kept gradient graph (the next product builds one again)."""
+        self._kept = None
+
+    def _weights(self) -> tuple[tuple[int, int], ...]:
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        return tuple((id(t), t._version) for t in tensors)
+
+    def _kept_for(self, rows: torch.Tensor) -> _KeptGraph:
+        """The kept graph if it covers ``rows`` (unique, on the CPU) at the current weights,
+        else a new one for ``rows``."""
+        kept, weights = self._kept, self._weights()
+        if kept is not None and kept.weights == weights and 2 * len(rows) >= len(kept.rows):
+            pos = torch.searchsorted(kept.rows, rows).clamp_max(len(kept.rows) - 1)
+            if bool((kept.rows[pos] == rows).all()):
+                return kept
+        self._kept = None  # free the old graph before building the next one
         order = rows.sort().values
+        z, g = self._build(order)
+        self._kept = _KeptGraph(order, weights, z, g)
+        return self._kept
+
+    def _build(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs ``z`` of samples ``rows`` and the summed loss's gradient w.r.t. them,
+        with its graph."""
+        idx = rows.to(self.device)
         with eval_mode(self.model), torch.enable_grad():
-            z = self.x[order].detach().requires_grad_(True)  # indexing made a fresh copy
-            (g,) = torch.autograd.grad(self._loss(z, self.y[order]), z, create_graph=True)
-        self._graph = (order, z, g)
-        return self._graph
+            z = self.x[idx].detach().requires_grad_(True)  # indexing made a fresh copy
+            (g,) = torch.autograd.grad(self._loss(z, self.y[idx]), z, create_graph=True)
+        return z, g
 
 
 def input_hessian_spectrum(

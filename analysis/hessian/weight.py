@@ -50,9 +50,10 @@ class WeightHessian:
     tensors fit ``cache_bytes`` (default: a quarter of RAM up to 8 GiB, or 40% of free GPU
     memory; 0 turns caching off); chunks beyond it are differentiated afresh each time, by
     reverse-over-forward (``torch.func``) with a double-backward fallback. ``hvp="forward"``
-    never caches; ``hvp="reverse"`` uses double backward only. Convolutions of the data are
-    recorded so that the second backward skips their (unused) input gradient, which PyTorch
-    would otherwise compute (``dataconv``).
+    never caches; ``hvp="reverse"`` uses double backward only. In the double-backward paths
+    (kept graphs, and ``"reverse"``) convolutions of the data are recorded so that the
+    second backward skips their (unused) input gradient, which PyTorch would otherwise
+    compute (``dataconv``).
     """
 
     def __init__(

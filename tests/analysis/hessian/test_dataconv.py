@@ -113,5 +113,29 @@ def test_weight_hessian_of_a_strided_cnn_matches_the_dense_one(hvp, cache_bytes)
     data = [(x[:4], y[:4]), (x[4:], y[4:])]
     op = WeightHessian(model, nn.CrossEntropyLoss(), data, hvp=hvp, cache_bytes=cache_bytes)
     eye = torch.eye(op.size, dtype=torch.float64)
-    columns = torch.stack([op.matvec(e) for e in eye], dim=1)
+    with _Convolutions() as mode:
+        columns = torch.stack([op.matvec(e) for e in eye], dim=1)
     torch.testing.assert_close(columns, dense, rtol=1e-10, atol=1e-12)
+    # the data is re-chunked into one chunk of all 10 samples
+    assert mode.shapes and tuple(x.shape) not in mode.shapes
+
+
+def test_autocast_and_torch_func_transforms_are_left_to_pytorch():
+    net = _net(2, padding=1).float()
+    x = torch.randn(3, 4, 6, 6)
+    net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = net(x)
+        with data_convolutions():
+            assert net(x).dtype == plain.dtype == torch.bfloat16
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p, xi):
+        return torch.func.functional_call(net, p, (xi[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
+    expected = per_sample(params, x)
+    with data_convolutions():
+        got = per_sample(params, x)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])

@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.hessian import ConvergenceWarning, input_hessian_eigenvalues, input_hessian_spectrum
+from analysis.hessian import (
+    ConvergenceWarning,
+    InputHessian,
+    input_hessian_eigenvalues,
+    input_hessian_spectrum,
+)
 from tests.analysis.hessian.reference import make_cnn, make_data, make_mlp
 
 CE = nn.CrossEntropyLoss()
@@ -97,24 +102,75 @@ def test_clear_errors():
         input_hessian_eigenvalues(model, CE, x, y, which="top")
 
 
-def test_products_over_changing_rows_match_dense_hessians():
-    """The kept graph serves any subset in any order; a small subset gets its own graph."""
-    from analysis.hessian import InputHessian
-
-    model = make_mlp(act=nn.Tanh)
-    x, y = make_data(8, (6,))
+def _dense_input_hessians(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     model.eval()
-    dense = torch.stack(
+    return torch.stack(
         [
             torch.func.hessian(lambda z, yi=yi: CE(model(z[None]), yi[None]))(xi)
             for xi, yi in zip(x, y, strict=True)
         ]
     )
+
+
+def _counting_builds(op) -> list[int]:
+    builds = [0]
+    build = op._build
+
+    def counted(rows):
+        builds[0] += 1
+        return build(rows)
+
+    op._build = counted
+    return builds
+
+
+def test_products_over_changing_rows_match_dense_hessians():
+    """The kept graph serves any subset in any order; a small subset gets its own graph."""
+    model = make_mlp(act=nn.Tanh)
+    x, y = make_data(8, (6,))
+    dense = _dense_input_hessians(model, x, y)
     op = InputHessian(model, CE, x, y)
+    builds = _counting_builds(op)
     gen = torch.Generator().manual_seed(0)
-    for rows in ([0, 1, 2, 3, 4, 5, 6, 7], [7, 2, 5, 0, 1], [3, 6, 1, 4], [6, 1], [1, 6]):
+    expected_builds = [1, 1, 1, 2, 2, 3]  # rebuilt once fewer than half are asked for
+    calls = ([0, 1, 2, 3, 4, 5, 6, 7], [7, 2, 5, 0, 1], [3, 6, 1, 4], [6, 1], [1, 6], [0, 3])
+    for rows, n_builds in zip(calls, expected_builds, strict=True):
         r = torch.tensor(rows)
         v = torch.randn(len(rows), 6, generator=gen, dtype=torch.float64)
         want = torch.einsum("bij,bj->bi", dense[r], v)
         torch.testing.assert_close(op.matvec(v, r), want, rtol=1e-10, atol=1e-12)
-    assert op._graph[0].tolist() == [1, 6]  # rebuilt once fewer than half were asked for
+        assert builds[0] == n_builds, rows
+
+
+def test_a_row_asked_for_twice_gets_each_direction():
+    model = make_mlp(act=nn.Tanh)
+    x, y = make_data(4, (6,))
+    dense = _dense_input_hessians(model, x, y)
+    op = InputHessian(model, CE, x, y)
+    op.matvec(torch.ones(4, 6, dtype=torch.float64), torch.arange(4))  # keep a graph
+    r = torch.tensor([3, 1, 1, 0])
+    v = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = torch.einsum("bij,bj->bi", dense[r], v)
+    torch.testing.assert_close(op.matvec(v, r), want, rtol=1e-10, atol=1e-12)
+
+
+def test_changed_weights_rebuild_the_kept_graph():
+    model = make_mlp(act=nn.Tanh)
+    x, y = make_data(4, (6,))
+    op = InputHessian(model, CE, x, y)
+    builds = _counting_builds(op)
+    rows, v = torch.arange(4), torch.ones(4, 6, dtype=torch.float64)
+    op.matvec(v, rows)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # an optimiser step: in place
+    torch.testing.assert_close(
+        op.matvec(v, rows),
+        torch.einsum("bij,bj->bi", _dense_input_hessians(model, x, y), v),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    assert builds[0] == 2
+    op.release()
+    op.matvec(v, rows)
+    assert builds[0] == 3
