@@ -218,7 +218,10 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
     try:
         start = time.perf_counter()
         with _own_signal_handlers():
-            grid = tuner.fit()
+            try:
+                grid = tuner.fit()
+            finally:
+                callback.flush()  # what an interrupted or failed fit left buffered
         timings["training_s"] = time.perf_counter() - start
         if any(r.error is None and not r.metrics.get("done") for r in grid):
             # Tune caught Ctrl-C (or SIGUSR1), saved its state and returned; it marks the

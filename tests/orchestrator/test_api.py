@@ -104,10 +104,12 @@ def test_an_interrupted_fit_is_an_interruption_and_the_parent_run_is_killed(tmp_
 
     before = signal.getsignal(signal.SIGINT)
     tuner = SimpleNamespace(fit=fit)
-    callback = SimpleNamespace(on_complete=None)
+    flushed = []
+    callback = SimpleNamespace(on_complete=None, flush=lambda: flushed.append(True))
     with pytest.raises(SweepInterrupted) as stop:
         _drive(_exp(), tuner, client, callback, parent, "", str(tmp_path), lambda _: None)
     assert stop.value.sweep_dir == str(tmp_path)  # where `hessweep resume` is pointed
+    assert flushed  # the buffered epoch metrics were written before giving up
     assert client.get_run(parent).info.status == "KILLED"
     assert signal.getsignal(signal.SIGINT) is before  # a later Ctrl-C is ours again
 

@@ -53,3 +53,48 @@ def test_params_leave_out_settings_the_attack_method_ignores() -> None:
     pgd = _logged({"method": "pgd", "epsilon": 0.1, "steps": 3}, {"method": "pgd", "epsilon": 0.1})
     assert pgd["robust.steps"] == "3" and pgd["robust.step_size"] == "null"
     assert pgd["eval_attack.steps"] == "10" and "lr" in pgd and "device" not in pgd
+
+
+class _Trial:
+    """What the callback reads of a Tune trial."""
+
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id, self.config, self.checkpoint = trial_id, {"batch_size": 32}, None
+        self.last_result: dict = {}
+
+
+def _history(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
+
+
+def test_epoch_metrics_are_buffered_and_written_in_order(tmp_path: Path, monkeypatch) -> None:
+    from orchestrator import tracking
+    from orchestrator.tracking import TrackingCallback, connect, experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = connect(uri)
+    exp_id = experiment_id(client, "buffered", str(tmp_path / "artifacts"))
+    parent = client.create_run(exp_id).info.run_id
+    callback = TrackingCallback(uri, exp_id, parent)
+    a, b = _Trial("a"), _Trial("b")
+    calls = []
+    monkeypatch.setattr(tracking, "log_batch", lambda *args, **kw: calls.append(args[1]))
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", 3600.0)
+    for epoch in (1, 2, 3):
+        for trial in (a, b):
+            callback.on_trial_result(0, [a, b], trial, {"epoch": epoch, "train/loss": 1 / epoch})
+    callback.on_trial_result(0, [a, b], a, {"epoch": 3, "train/loss": 9.0})  # a repeat: dropped
+    assert calls == [callback.child_run_id("a"), callback.child_run_id("b")]  # params only
+    monkeypatch.undo()
+
+    callback.on_trial_complete(0, [a, b], a)  # a's epochs, then its end
+    run_a, run_b = callback.child_run_id("a"), callback.child_run_id("b")
+    assert _history(client, run_a) == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert _history(client, run_b) == []
+    callback.on_experiment_end([a, b])  # what b had buffered
+    assert _history(client, run_b) == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert client.get_run(run_a).info.status == "FINISHED"
+
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", 0.0)  # due at once: written as reported
+    callback.on_trial_result(0, [b], b, {"epoch": 4, "train/loss": 0.25})
+    assert _history(client, run_b)[-1] == (4, 0.25)
