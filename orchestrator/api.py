@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,8 +221,10 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
         with _own_signal_handlers():
             try:
                 grid = tuner.fit()
-            finally:
-                callback.flush()  # what an interrupted or failed fit left buffered
+            except BaseException:
+                _flush_after_failure(callback, progress)
+                raise
+            callback.flush()  # what an interrupted fit left buffered
         timings["training_s"] = time.perf_counter() - start
         if any(r.error is None and not r.metrics.get("done") for r in grid):
             # Tune caught Ctrl-C (or SIGUSR1), saved its state and returned; it marks the
@@ -278,6 +281,14 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
         raise
     finally:
         phase.close(cancel=interrupted)
+
+
+def _flush_after_failure(callback: Any, progress: Callable[[str], None]) -> None:
+    """Write the buffered epoch metrics after a failed fit, without hiding its error."""
+    try:
+        callback.flush()
+    except Exception as err:  # the store is down too: the fit's error is the one to see
+        progress(f"tracking: buffered epoch metrics not written ({type(err).__name__}: {err})")
 
 
 @contextmanager

@@ -42,7 +42,7 @@ def load_spec(spec: str, overrides: list[str] | None = None):
 
     exp = Experiment.from_yaml(resolve_spec(spec))
     sets = _parse_set(overrides or [])
-    return exp.overridden(sets) if sets else exp
+    return exp.overridden(sets, via="--set") if sets else exp
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -410,9 +410,9 @@ class Experiment(_Strict):
         Errors name the overrides that caused them (all of them when none matches)."""
         return self.overridden(overrides, via="override")
 
-    def overridden(self, overrides: dict[str, Any], via: str = "--set") -> Experiment:
-        """``with_overrides`` for a mapping; errors name each key as ``{via} key`` (the CLI's
-        ``--set``, or ``override`` from Python)."""
+    def overridden(self, overrides: dict[str, Any], via: str = "override") -> Experiment:
+        """``with_overrides`` for a mapping; errors name each key as ``{via} key``
+        (``override``, or the CLI's ``--set``, whose examples then use its syntax)."""
         data = self.model_dump(exclude_none=False)
         keys = [key.replace("__", ".") for key in overrides]
         for key, value in zip(keys, overrides.values(), strict=True):

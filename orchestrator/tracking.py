@@ -194,10 +194,11 @@ def run_label(config: dict[str, Any]) -> str:
 class TrackingCallback(Callback):
     """Driver-side Tune callback writing the DESIGN.md MLflow contract for each trial.
 
-    Only the URI and run ids are pickled with the Tuner state, so a restored sweep
-    reconnects, finds each trial's child run by tag and continues it. Per-epoch metrics
-    are buffered and written every ``FLUSH_SECONDS``, when a trial ends and when the
-    experiment ends (``flush``).
+    Only the store, experiment, parent run and sweep folder are pickled with the Tuner
+    state, so a restored sweep reconnects, finds each trial's child run by tag and
+    continues it. Per-epoch metrics are buffered and written every ``FLUSH_SECONDS``, when
+    a trial ends, when Tune snapshots the experiment (so a snapshot never records a
+    checkpoint past what MLflow holds) and when the experiment ends (``flush``).
     """
 
     def __init__(
@@ -302,13 +303,20 @@ class TrackingCallback(Callback):
         if time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
             self.flush()
 
+    def get_state(self) -> None:
+        """Called at each of Tune's experiment snapshots: write what is buffered first (a
+        resumed trial restarts from the snapshot's checkpoint). No state of its own."""
+        self._timed(self.flush)
+
     def flush(self, run_id: str | None = None) -> None:
-        """Write the buffered per-epoch metrics (of one run, or of all), one request a run."""
+        """Write the buffered per-epoch metrics (of one run, or of all), one request a run;
+        a write that fails keeps its metrics for the next flush."""
         runs = list(self._pending) if run_id is None else [run_id]
         for rid in runs:
-            metrics = self._pending.pop(rid, None)
+            metrics = self._pending.get(rid)
             if metrics:
                 log_batch(self.client, rid, metrics)
+            self._pending.pop(rid, None)
         if run_id is None:
             self._flushed_at = time.monotonic()
 

@@ -114,6 +114,24 @@ def test_an_interrupted_fit_is_an_interruption_and_the_parent_run_is_killed(tmp_
     assert signal.getsignal(signal.SIGINT) is before  # a later Ctrl-C is ours again
 
 
+def test_a_fit_that_raises_keeps_its_error_when_the_store_is_down_too(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    parent = client.create_run(client.create_experiment("t")).info.run_id
+
+    def fit():
+        raise KeyboardInterrupt  # a second Ctrl-C, which Tune does not catch
+
+    def flush():
+        raise ConnectionError("store unreachable")
+
+    said = []
+    callback = SimpleNamespace(on_complete=None, flush=flush)
+    with pytest.raises(SweepInterrupted):
+        _drive(_exp(), SimpleNamespace(fit=fit), client, callback, parent, "", "d", said.append)
+    assert any("buffered epoch metrics not written" in line for line in said)
+    assert client.get_run(parent).info.status == "KILLED"
+
+
 def test_the_interruption_hint_names_the_sweep_folder_and_the_address(capsys):
     from orchestrator.cli import _interrupted
 

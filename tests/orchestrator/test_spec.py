@@ -59,7 +59,7 @@ def test_overrides_return_a_new_validated_experiment():
     with pytest.raises(UserInputError, match=r"^override training\.lr: 1 problem"):
         exp.with_overrides(training__lr=-1)
     with pytest.raises(UserInputError, match=r"^--set training\.lr: 1 problem"):
-        exp.overridden({"training.lr": -1})
+        exp.overridden({"training.lr": -1}, via="--set")
 
 
 def test_override_errors_show_the_form_the_caller_used():
@@ -67,7 +67,7 @@ def test_override_errors_show_the_form_the_caller_used():
     with pytest.raises(UserInputError, match=r"e\.g\. with_overrides\(robust=\[\{'method'"):
         exp.with_overrides(**{"robust.epsilon": 0.2})
     with pytest.raises(UserInputError, match=r"e\.g\. --set robust='\[\{method"):
-        exp.overridden({"robust.epsilon": 0.2})
+        exp.overridden({"robust.epsilon": 0.2}, via="--set")
     with pytest.raises(UserInputError, match=r"e\.g\. with_overrides\(seeds=\[\.\.\.\]\)"):
         exp.with_overrides(seeds__x=1)
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking import clean_params
@@ -67,15 +68,20 @@ def _history(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
 
 
-def test_epoch_metrics_are_buffered_and_written_in_order(tmp_path: Path, monkeypatch) -> None:
-    from orchestrator import tracking
+def _callback(tmp_path: Path):
     from orchestrator.tracking import TrackingCallback, connect, experiment_id
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = connect(uri)
     exp_id = experiment_id(client, "buffered", str(tmp_path / "artifacts"))
     parent = client.create_run(exp_id).info.run_id
-    callback = TrackingCallback(uri, exp_id, parent)
+    return client, TrackingCallback(uri, exp_id, parent)
+
+
+def test_epoch_metrics_are_buffered_and_written_in_order(tmp_path: Path, monkeypatch) -> None:
+    from orchestrator import tracking
+
+    client, callback = _callback(tmp_path)
     a, b = _Trial("a"), _Trial("b")
     calls = []
     monkeypatch.setattr(tracking, "log_batch", lambda *args, **kw: calls.append(args[1]))
@@ -98,3 +104,29 @@ def test_epoch_metrics_are_buffered_and_written_in_order(tmp_path: Path, monkeyp
     monkeypatch.setattr(tracking, "FLUSH_SECONDS", 0.0)  # due at once: written as reported
     callback.on_trial_result(0, [b], b, {"epoch": 4, "train/loss": 0.25})
     assert _history(client, run_b)[-1] == (4, 0.25)
+
+
+def test_snapshots_steps_and_failed_writes_lose_no_epoch(tmp_path: Path, monkeypatch) -> None:
+    from orchestrator import tracking
+
+    client, callback = _callback(tmp_path)
+    a = _Trial("a")
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", 3600.0)
+    callback.on_trial_result(0, [a], a, {"epoch": 1, "train/loss": 1.0})
+    run = callback.child_run_id("a")
+    assert callback.get_state() is None  # Tune's snapshot: written first, no state file
+    assert _history(client, run) == [(1, 1.0)]
+
+    callback.on_trial_result(0, [a], a, {"epoch": 2, "train/loss": 0.5})
+    real = tracking.log_batch
+
+    def down(*args, **kwargs):
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(tracking, "log_batch", down)
+    with pytest.raises(ConnectionError):
+        callback.flush()
+    monkeypatch.setattr(tracking, "log_batch", real)
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", 0.0)
+    callback.on_step_end(0, [a])  # due: the epoch kept from the failed write goes out
+    assert _history(client, run) == [(1, 1.0), (2, 0.5)]
