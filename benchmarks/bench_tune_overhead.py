@@ -9,8 +9,10 @@ The same config (digits, m1, one CPU thread) is trained for a fixed number of ep
 - tune: ``train_classifier`` as one Tune trial (``tune.with_resources(cpu=1)``), per-epoch
   wall time from the reported results' ``time_this_iter_s``; Ray's start-up, trial
   scheduling and data loading before the first report are excluded. Once with the
-  sweep's checkpoint retention (Tune keeps every checkpoint, ``CheckpointRetention``
-  prunes at snapshot time), once with Tune's own ``CheckpointConfig(num_to_keep=2)``.
+  sweep's driver callbacks (checkpoint retention: Tune keeps every checkpoint,
+  ``CheckpointRetention`` prunes at snapshot time; and MLflow tracking into a temporary
+  SQLite store, as a sweep logs every epoch: a trial's report waits for the driver), once
+  with Tune's own ``CheckpointConfig(num_to_keep=2)`` and no tracking.
 
 The first epoch of each run is dropped (warm-up) and the median of the rest is compared;
 bare runs come before and after the Tune run, so drift in a shared machine's load shows.
@@ -78,14 +80,23 @@ def tune_epoch_times(
     """Per-epoch `time_this_iter_s` of one Tune trial, and the Tuner.fit wall time.
 
     `sweep_retention` is the orchestrator's set-up (Tune keeps every checkpoint, our
-    driver callback prunes them at snapshot time); without it Tune's own `num_to_keep=2`
-    deletes them and forces an experiment snapshot every second checkpoint.
+    driver callback prunes them at snapshot time; the tracking callback logs every epoch
+    to MLflow); without it Tune's own `num_to_keep=2` deletes them and forces an
+    experiment snapshot every second checkpoint, and nothing is tracked.
     """
     from ray import tune
 
     from orchestrator.retention import CheckpointRetention
+    from orchestrator.tracking import TrackingCallback, connect, experiment_id
     from trainables import train_classifier
 
+    callbacks: list[Any] = []
+    if sweep_retention:
+        uri = f"sqlite:///{storage}/{name}-mlflow.db"
+        client = connect(uri)
+        exp_id = experiment_id(client, name, f"{storage}/{name}-artifacts")
+        parent = client.create_run(exp_id).info.run_id
+        callbacks = [CheckpointRetention(keep=2), TrackingCallback(uri, exp_id, parent)]
     tuner = tune.Tuner(
         tune.with_resources(train_classifier, {"cpu": 1}),
         param_space=cfg,
@@ -94,7 +105,7 @@ def tune_epoch_times(
             name=name,
             storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep_retention else 2),
-            callbacks=[CheckpointRetention(keep=2)] if sweep_retention else [],
+            callbacks=callbacks,
             verbose=0,
         ),
     )
@@ -176,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print(f"ray.init: {startup:.1f}s (excluded)")
     print()
     print(
-        "| config | epochs | bare before | bare + checkpoint | tune (sweep's retention) "
+        "| config | epochs | bare before | bare + checkpoint | tune (sweep's callbacks) "
         "| tune, Tune's num_to_keep=2 | bare after | tune / bare | tune / (bare + ckpt) "
         "| num_to_keep=2 / bare | Tuner.fit wall |"
     )
