@@ -26,6 +26,16 @@ def _tuple(value: int | Sequence[int], n: int) -> list[int]:
     return [int(v) for v in value] if isinstance(value, Sequence) else [int(value)] * n
 
 
+def _convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: tuple):
+    """The plain convolution ``x * weight + bias`` with ``conv = (stride, padding, dilation,
+    groups)``."""
+    stride, padding, dilation, groups = conv
+    zeros = [0] * (x.dim() - 2)
+    return torch.ops.aten.convolution(
+        x, weight, bias, stride, padding, dilation, False, zeros, groups
+    )
+
+
 def _transformed(x: torch.Tensor) -> bool:
     """Whether autocast or a torch.func transform is active (the Functions here define no
     mixed-precision casts, ``jvp`` or ``vmap`` rule: such calls are left to PyTorch)."""
@@ -62,12 +72,7 @@ class _WeightGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v):
         (x,) = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        n = x.dim() - 2
-        out = torch.ops.aten.convolution(
-            x, v, None, stride, padding, dilation, False, [0] * n, groups
-        )
-        return out, None, None, None, None, None, None
+        return _convolve(x, v, None, ctx.conv), None, None, None, None, None, None
 
 
 class _DataConvolution(torch.autograd.Function):
@@ -76,10 +81,7 @@ class _DataConvolution(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, stride, padding, dilation, groups):
-        n = x.dim() - 2
-        return torch.ops.aten.convolution(
-            x, weight, bias, stride, padding, dilation, False, [0] * n, groups
-        )
+        return _convolve(x, weight, bias, (stride, padding, dilation, groups))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -86,10 +86,9 @@ class InputHessian:
                 z, g = self._build(wanted)
                 (hv,) = torch.autograd.grad(g, z, grad_outputs=t)
                 return hv.reshape(len(wanted), -1)
-            kept = self._kept_for(wanted)
-            same = len(wanted) == len(kept.rows) and bool((wanted == kept.rows).all())
-            pos = None if same else torch.searchsorted(kept.rows, wanted).to(self.device)
+            kept, pos = self._kept_for(wanted)
             if pos is not None:
+                pos = pos.to(self.device)
                 t = torch.zeros_like(kept.z).index_copy_(0, pos, t)
             (hv,) = torch.autograd.grad(kept.g, kept.z, grad_outputs=t, retain_graph=True)
         if pos is not None:
@@ -104,19 +103,21 @@ class InputHessian:
         tensors = itertools.chain(self.model.parameters(), self.model.buffers())
         return tuple((id(t), t._version) for t in tensors)
 
-    def _kept_for(self, rows: torch.Tensor) -> _KeptGraph:
+    def _kept_for(self, rows: torch.Tensor) -> tuple[_KeptGraph, torch.Tensor | None]:
         """The kept graph if it covers ``rows`` (unique, on the CPU) at the current weights,
-        else a new one for ``rows``."""
+        else a new one for ``rows``; and where ``rows`` sit in it (None: in its order)."""
         kept, weights = self._kept, self._weights()
-        if kept is not None and kept.weights == weights and 2 * len(rows) >= len(kept.rows):
-            pos = torch.searchsorted(kept.rows, rows).clamp_max(len(kept.rows) - 1)
-            if bool((kept.rows[pos] == rows).all()):
-                return kept
-        self._kept = None  # free the old graph before building the next one
-        order = rows.sort().values
-        z, g = self._build(order)
-        self._kept = _KeptGraph(order, weights, z, g)
-        return self._kept
+        if kept is None or kept.weights != weights or 2 * len(rows) < len(kept.rows):
+            self._kept = None  # free the old graph before building the next one
+            order = rows.sort().values
+            kept = self._kept = _KeptGraph(order, weights, *self._build(order))
+        if len(rows) == len(kept.rows) and bool((rows == kept.rows).all()):
+            return kept, None
+        pos = torch.searchsorted(kept.rows, rows).clamp_max(len(kept.rows) - 1)
+        if bool((kept.rows[pos] == rows).all()):
+            return kept, pos
+        self._kept = None  # rows outside the kept graph: one for them
+        return self._kept_for(rows)
 
     def _build(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inputs ``z`` of samples ``rows`` and the summed loss's gradient w.r.t. them,
