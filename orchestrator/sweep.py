@@ -12,6 +12,7 @@ from ray.tune import CheckpointConfig, FailureConfig, RunConfig
 
 from orchestrator.retention import CheckpointRetention
 from orchestrator.spec import Experiment, RobustSetting
+from orchestrator.storage import join
 from trainables.train import train_classifier
 
 METRIC_COLUMNS = {
@@ -44,15 +45,36 @@ def trainable(exp: Experiment) -> Any:
     )
 
 
-def reporter(exp: Experiment) -> tune.CLIReporter:
+class SweepReporter(tune.CLIReporter):
+    """Tune's progress table, naming the sweep folder where Tune names its staging folder.
+
+    Tune's "Result logdir" is the driver's copy under /tmp/ray, not where checkpoints and
+    results are kept (and not what ``hessweep resume`` takes).
+    """
+
+    def __init__(self, sweep_dir: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sweep_dir = sweep_dir
+
+    def _progress_str(self, trials: list, done: bool, *sys_info: str, **kwargs: Any) -> str:
+        text = super()._progress_str(trials, done, *sys_info, **kwargs)
+        lines = text.split("\n")
+        where = f"Sweep folder: {self.sweep_dir}"
+        return "\n".join(where if ln.startswith("Result logdir: ") else ln for ln in lines)
+
+
+def reporter(exp: Experiment, sweep_dir: str) -> tune.CLIReporter:
     """Tune's progress table, condensed to the columns that matter for this study."""
     params = dict(PARAM_COLUMNS)
     if len(exp.seeds) > 1:
         params["seed"] = "seed"
     if exp.search:
         params.update({k: k for k in exp.search.space})
-    return tune.CLIReporter(
-        metric_columns=METRIC_COLUMNS, parameter_columns=params, max_report_frequency=15
+    return SweepReporter(
+        sweep_dir,
+        metric_columns=METRIC_COLUMNS,
+        parameter_columns=params,
+        max_report_frequency=15,
     )
 
 
@@ -75,13 +97,14 @@ def build_tuner(exp: Experiment, run_name: str, callbacks: list[Any]) -> tune.Tu
         max_concurrent_trials=exp.max_concurrent_trials,
         reuse_actors=True,
     )
+    root = storage_path(exp.storage)
     run_config = RunConfig(
         name=run_name,
-        storage_path=storage_path(exp.storage),
+        storage_path=root,
         failure_config=FailureConfig(max_failures=exp.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=None),
         callbacks=[*callbacks, CheckpointRetention(keep=2)],
-        progress_reporter=reporter(exp),
+        progress_reporter=reporter(exp, join(root, run_name)),
         verbose=1,
     )
     return tune.Tuner(
