@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from analysis.hessian.lanczos import WHICH, ConvergenceWarning, batched_lanczos
+from analysis.hessian.leangraph import lean_graph
 from analysis.hessian.modelutil import (
     LossFn,
     eval_mode,
@@ -68,7 +70,10 @@ class InputHessian:
         self._kept: _KeptGraph | None = None
 
     def _loss(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        return summed_loss(self.loss_fn, self.model(xs), ys)
+        # the weights as constants: the graph then holds no path to them, and convolutions
+        # are recorded with constant weights (lean_graph)
+        consts = {n: t.detach() for n, t in self.model.named_parameters()}
+        return summed_loss(self.loss_fn, functional_call(self.model, consts, (xs,)), ys)
 
     def matvec(self, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Apply sample ``rows[i]``'s input Hessian to ``v[i]`` for every i, in one pass.
@@ -123,7 +128,7 @@ class InputHessian:
         """The inputs ``z`` of samples ``rows`` and the summed loss's gradient w.r.t. them,
         with its graph."""
         idx = rows.to(self.device)
-        with eval_mode(self.model), torch.enable_grad():
+        with eval_mode(self.model), torch.enable_grad(), lean_graph():
             z = self.x[idx].detach().requires_grad_(True)  # indexing made a fresh copy
             (g,) = torch.autograd.grad(self._loss(z, self.y[idx]), z, create_graph=True)
         return z, g

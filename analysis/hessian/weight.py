@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
-from analysis.hessian.dataconv import data_convolutions
 from analysis.hessian.graphcache import (
     backward_through,
     counting_saved_bytes,
     default_cache_bytes,
 )
+from analysis.hessian.leangraph import lean_graph
 from analysis.hessian.modelutil import (
     LossFn,
     cast_batch,
@@ -50,10 +50,10 @@ class WeightHessian:
     tensors fit ``cache_bytes`` (default: a quarter of RAM up to 8 GiB, or 40% of free GPU
     memory; 0 turns caching off); chunks beyond it are differentiated afresh each time, by
     reverse-over-forward (``torch.func``) with a double-backward fallback. ``hvp="forward"``
-    never caches; ``hvp="reverse"`` uses double backward only. In the double-backward paths
-    (kept graphs, and ``"reverse"``) convolutions of the data are recorded so that the
-    second backward skips their (unused) input gradient, which PyTorch would otherwise
-    compute (``dataconv``).
+    never caches; ``hvp="reverse"`` uses double backward only. The double-backward paths
+    (kept graphs, and ``"reverse"``) record their graphs with ``lean_graph``: convolutions
+    of the data, ReLU, max-pooling and eval-mode BatchNorm get second derivatives without
+    the unused or zero terms PyTorch's would compute.
     """
 
     def __init__(
@@ -188,7 +188,7 @@ class WeightHessian:
         graphs, used = [], 0
         try:
             for x, y in self.chunks:
-                with torch.enable_grad(), counting_saved_bytes() as saved, data_convolutions():
+                with torch.enable_grad(), counting_saved_bytes() as saved, lean_graph():
                     grads = torch.autograd.grad(self._loss(theta, x, y), leaves, create_graph=True)
                 if used + saved[0] > self.cache_bytes:
                     break
@@ -250,7 +250,7 @@ class WeightHessian:
         total = None
         for x, y in batches:
             theta = {n: t.clone().requires_grad_(True) for n, t in self.theta.items()}
-            with data_convolutions():
+            with lean_graph():
                 loss = self._loss(theta, x, y)
                 grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
             dot = sum((g * tangent[n]).sum() for g, n in zip(grads, self.names, strict=True))

@@ -1,4 +1,4 @@
-"""Data convolutions: the same first and second derivatives, without the data's gradient."""
+"""Convolutions with a constant operand: the same derivatives, without the constant's."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from analysis.hessian import WeightHessian
-from analysis.hessian.dataconv import data_convolutions
+from analysis.hessian.convolutions import SMALL_INPUT_CHANNELS, _input_gradient
+from analysis.hessian.leangraph import lean_graph
 from tests.analysis.hessian.reference import dense_weight_hessian
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -24,7 +25,7 @@ def _net(dim: int, **conv) -> nn.Module:
 
 def _hvp(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: list, rewrite: bool) -> list:
     params = list(net.parameters())
-    with data_convolutions() if rewrite else contextlib.nullcontext():
+    with lean_graph() if rewrite else contextlib.nullcontext():
         loss = nn.functional.cross_entropy(net(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
     return list(torch.autograd.grad(grads, params, v))
@@ -74,7 +75,7 @@ def test_the_product_no_longer_differentiates_the_data():
     seen = {}
     for rewrite in (False, True):
         params = list(net.parameters())
-        with data_convolutions() if rewrite else contextlib.nullcontext():
+        with lean_graph() if rewrite else contextlib.nullcontext():
             loss = nn.functional.cross_entropy(net(x), y)
             grads = torch.autograd.grad(loss, params, create_graph=True)
         with _Convolutions() as mode:
@@ -88,7 +89,7 @@ def test_the_product_no_longer_differentiates_the_data():
 def test_an_input_that_needs_its_gradient_keeps_it():
     net = _net(2, padding=1)
     x = torch.randn(3, 4, 6, 6, dtype=torch.float64, requires_grad=True)
-    with data_convolutions():
+    with lean_graph():
         out = net(x).square().sum()
     (gx,) = torch.autograd.grad(out, x)
     (expected,) = torch.autograd.grad(net(x).square().sum(), x)
@@ -120,22 +121,78 @@ def test_weight_hessian_of_a_strided_cnn_matches_the_dense_one(hvp, cache_bytes)
     assert mode.shapes and tuple(x.shape) not in mode.shapes
 
 
-def test_autocast_and_torch_func_transforms_are_left_to_pytorch():
-    net = _net(2, padding=1).float()
-    x = torch.randn(3, 4, 6, 6)
+def _input_hvp(net: nn.Module, x: torch.Tensor, v: torch.Tensor, rewrite: bool) -> tuple:
+    """Gradient and Hessian-vector product w.r.t. the input, the weights held constant."""
+    consts = {k: t.detach() for k, t in net.named_parameters()}
+    z = x.clone().requires_grad_(True)
+    with lean_graph() if rewrite else contextlib.nullcontext():
+        out = torch.func.functional_call(net, consts, (z,))
+        (g,) = torch.autograd.grad(out.square().sum(), z, create_graph=True)
+    (hv,) = torch.autograd.grad(g, z, v)
+    return g.detach(), hv
+
+
+@pytest.mark.parametrize(
+    ("dim", "channels", "conv"),
+    [
+        (1, 4, {"stride": 2, "padding": 1}),
+        (2, 3, {"stride": 3, "padding": 1, "dilation": 2}),  # the fold path
+        (2, 1, {"kernel_size": (2, 3), "stride": (2, 1), "padding": (0, 2)}),  # fold
+        (2, 1, {"bias": False, "stride": 2}),  # fold; 10 px with stride 2 leaves a column
+        (2, 6, {"stride": 2, "groups": 2}),  # oneDNN's input gradient
+        (2, SMALL_INPUT_CHANNELS + 1, {"padding": 1}),  # too many channels for the fold
+        (3, 2, {"stride": (1, 2, 1)}),
+    ],
+)
+def test_input_gradient_and_input_hessian_product_are_unchanged(dim, channels, conv):
+    torch.manual_seed(dim)
+    kernel = conv.pop("kernel_size", 3)
+    net = nn.Sequential(
+        CONVS[dim](channels, 4, kernel, **conv), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)
+    ).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, channels, *[10] * dim, generator=gen, dtype=torch.float64)
     net(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = net(x)
-        with data_convolutions():
-            assert net(x).dtype == plain.dtype == torch.bfloat16
-    params = {k: v.detach() for k, v in net.named_parameters()}
+    v = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    (g0, hv0), (g1, hv1) = _input_hvp(net, x, v, False), _input_hvp(net, x, v, True)
+    torch.testing.assert_close(g1, g0, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(hv1, hv0, rtol=1e-12, atol=1e-13)
 
-    def loss(p, xi):
-        return torch.func.functional_call(net, p, (xi[None],)).square().sum()
 
-    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
-    expected = per_sample(params, x)
-    with data_convolutions():
-        got = per_sample(params, x)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation", "size"),
+    [(4, 4, 0, 1, 32), (3, 1, 1, 1, 8), (3, 2, 1, 1, 9), ((2, 5), (1, 3), (1, 2), (2, 1), 11)],
+)
+def test_the_fold_input_gradient_equals_pytorchs(dtype, kernel, stride, padding, dilation, size):
+    pair = nn.modules.utils._pair
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(8, 3, *pair(kernel), generator=gen, dtype=dtype)
+    x = torch.randn(4, 3, size, size + 1, generator=gen, dtype=dtype)
+    conv = (list(pair(stride)), list(pair(padding)), list(pair(dilation)), 1)
+    g = torch.randn(nn.functional.conv2d(x, w, None, *conv).shape, generator=gen, dtype=dtype)
+    want = torch.nn.grad.conv2d_input(x.shape, w, g, *conv)
+    got = _input_gradient(g, w, x.shape, conv)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_an_input_hessian_product_forms_no_weight_gradient():
+    net = _net(2, stride=2)
+    x = torch.randn(8, 4, 10, 10, dtype=torch.float64)
+    net(x)
+    seen = {}
+    for rewrite in (False, True):
+        consts = {k: t.detach() for k, t in net.named_parameters()}
+        z = x.clone().requires_grad_(True)
+        with lean_graph() if rewrite else contextlib.nullcontext():
+            out = torch.func.functional_call(net, consts, (z,))
+            (g,) = torch.autograd.grad(out.square().sum(), z, create_graph=True)
+        with _Convolutions() as mode:
+            torch.autograd.grad(g, z, torch.ones_like(z))
+        seen[rewrite] = mode.shapes
+    # PyTorch's double backward also forms a weight gradient: a convolution over the
+    # channels (x and the output gradient transposed), not over the 8 samples
+    assert any(shape[0] != 8 for shape in seen[False])
+    assert seen[True] and all(shape[0] == 8 for shape in seen[True])
+    assert len(seen[True]) < len(seen[False])

@@ -1,0 +1,57 @@
+"""Gradient graphs whose second backward skips the work PyTorch's formulas do for nothing.
+
+Inside ``lean_graph()`` a forward pass records a few common layers with their own
+Functions: convolutions with one constant operand (``convolutions``), ReLU and max-pooling
+(``piecewise``) and eval-mode batch normalisation (``batchnorm``). First and second
+derivatives are the same; a Hessian-vector product through the graph then skips full-size
+terms that are thrown away or are zero. Anything a handler does not recognise, and every
+call under autocast or a ``torch.func`` transform (the Functions define no mixed-precision
+casts, ``jvp`` or ``vmap`` rules), is left to PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from analysis.hessian import batchnorm, convolutions, piecewise
+
+Handler = Callable[[tuple, dict], object]
+
+HANDLERS: dict[Callable, Handler] = {
+    **{
+        conv: functools.partial(convolutions.convolution, n)
+        for conv, n in convolutions.DIMS.items()
+    },
+    **piecewise.HANDLERS,
+    **batchnorm.HANDLERS,
+}
+
+
+def _transformed(x: torch.Tensor) -> bool:
+    """Whether autocast or a torch.func transform is active."""
+    return torch.is_autocast_enabled(x.device.type) or torch._C._are_functorch_transforms_active()
+
+
+class _LeanGraphMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = HANDLERS.get(func)
+        if handler is not None and torch.is_grad_enabled():
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, torch.Tensor) and not _transformed(x):
+                out = handler(args, kwargs)
+                if out is not None:
+                    return out
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def lean_graph() -> Iterator[None]:
+    """Record the layers above with their lean second derivatives inside the block."""
+    with _LeanGraphMode():
+        yield

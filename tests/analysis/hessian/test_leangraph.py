@@ -1,0 +1,81 @@
+"""Lean graphs end to end: operators on a model with every rewritten layer stay exact."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from analysis.hessian import InputHessian, WeightHessian
+from analysis.hessian.leangraph import lean_graph
+from tests.analysis.hessian.reference import dense_weight_hessian
+
+CE = nn.CrossEntropyLoss()
+
+
+def _model() -> nn.Module:
+    """RGB input (the fold path of the input gradient), BatchNorm, ReLU and max-pooling."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 2, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5, 3),
+    ).double()
+    bn = model[1]
+    gen = torch.Generator().manual_seed(5)
+    bn.running_mean.copy_(torch.randn(4, generator=gen, dtype=torch.float64) * 0.1)
+    bn.running_var.copy_(torch.rand(4, generator=gen, dtype=torch.float64) + 0.5)
+    return model.eval()
+
+
+def _data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(n, 3, 4, 4, generator=gen, dtype=torch.float64)
+    return x, torch.randint(0, 3, (n,), generator=gen)
+
+
+def test_weight_hessian_matches_the_dense_one():
+    model = _model()
+    x, y = _data(12)
+    dense = dense_weight_hessian(model, x, y)
+    op = WeightHessian(model, CE, [(x[:5], y[:5]), (x[5:], y[5:])])
+    eye = torch.eye(op.size, dtype=torch.float64)
+    columns = torch.stack([op.matvec(e) for e in eye], dim=1)
+    torch.testing.assert_close(columns, dense, rtol=1e-10, atol=1e-12)
+
+
+def test_input_hessians_match_the_dense_ones():
+    model = _model()
+    x, y = _data(6)
+    op = InputHessian(model, CE, x, y)
+    d = x[0].numel()
+    eye = torch.eye(d, dtype=torch.float64)
+    rows = torch.arange(len(x))
+    columns = torch.stack([op.matvec(e.expand(len(x), d), rows) for e in eye], dim=2)
+    for i, (xi, yi) in enumerate(zip(x, y, strict=True)):
+        dense = torch.func.hessian(lambda z, yi=yi: CE(model(z[None]), yi[None]))(xi)
+        torch.testing.assert_close(columns[i], dense.reshape(d, d), rtol=1e-10, atol=1e-12)
+
+
+def test_autocast_and_torch_func_transforms_are_left_to_pytorch():
+    net = _model().float()
+    x = torch.randn(3, 3, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = net(x)
+        with lean_graph():
+            assert net(x).dtype == plain.dtype == torch.bfloat16
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p, xi):
+        return torch.func.functional_call(net, p, (xi[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
+    expected = per_sample(params, x)
+    with lean_graph():
+        got = per_sample(params, x)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
