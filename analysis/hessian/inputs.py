@@ -97,7 +97,7 @@ class InputHessian:
                 t = torch.zeros_like(kept.z).index_copy_(0, pos, t)
             (hv,) = torch.autograd.grad(kept.g, kept.z, grad_outputs=t, retain_graph=True)
         if pos is not None:
-            hv = hv[pos]
+            hv = hv.index_select(0, pos)
         return hv.reshape(len(wanted), -1)
 
     def release(self) -> None:
@@ -129,7 +129,7 @@ class InputHessian:
         with its graph."""
         idx = rows.to(self.device)
         with eval_mode(self.model), torch.enable_grad(), lean_graph():
-            z = self.x[idx].detach().requires_grad_(True)  # indexing made a fresh copy
+            z = self.x.index_select(0, idx).requires_grad_(True)  # a fresh copy
             (g,) = torch.autograd.grad(self._loss(z, self.y[idx]), z, create_graph=True)
         return z, g
 
