@@ -70,6 +70,8 @@ class InputHessian:
         self._kept: _KeptGraph | None = None
 
     def _loss(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model, torch.jit.ScriptModule):  # functional_call refuses these
+            return summed_loss(self.loss_fn, self.model(xs), ys)
         # the weights as constants: the graph then holds no path to them, and convolutions
         # are recorded with constant weights (lean_graph)
         consts = {n: t.detach() for n, t in self.model.named_parameters()}

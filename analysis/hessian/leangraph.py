@@ -5,8 +5,8 @@ Functions: convolutions with one constant operand (``convolutions``), ReLU and m
 (``piecewise``) and eval-mode batch normalisation (``batchnorm``). First and second
 derivatives are the same; a Hessian-vector product through the graph then skips full-size
 terms that are thrown away or are zero. Anything a handler does not recognise, and every
-call under autocast or a ``torch.func`` transform (the Functions define no mixed-precision
-casts, ``jvp`` or ``vmap`` rules), is left to PyTorch.
+call under autocast, a ``torch.func`` transform or forward-mode AD (the Functions define no
+mixed-precision casts, ``jvp`` or ``vmap`` rules), is left to PyTorch.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import functools
 from collections.abc import Callable, Iterator
 
 import torch
+from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 from analysis.hessian import batchnorm, convolutions, piecewise
@@ -33,8 +34,12 @@ HANDLERS: dict[Callable, Handler] = {
 
 
 def _transformed(x: torch.Tensor) -> bool:
-    """Whether autocast or a torch.func transform is active."""
-    return torch.is_autocast_enabled(x.device.type) or torch._C._are_functorch_transforms_active()
+    """Whether autocast, a torch.func transform or forward-mode AD is active."""
+    return (
+        torch.is_autocast_enabled(x.device.type)
+        or torch._C._are_functorch_transforms_active()
+        or getattr(forward_ad, "_current_level", -1) >= 0
+    )
 
 
 class _LeanGraphMode(TorchFunctionMode):

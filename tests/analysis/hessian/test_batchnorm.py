@@ -93,3 +93,52 @@ def test_the_product_runs_no_batch_norm_double_backward():
     assert any("batch_norm" in name for name in ops[False])
     assert not any("batch_norm" in name for name in ops[True])
     assert full[True] < full[False]
+
+
+def test_a_large_mean_does_not_cancel_the_weight_gradient():
+    """float32 with running_mean 1e4 times the spread: as accurate as PyTorch's formula."""
+    gen = torch.Generator().manual_seed(7)
+    x64 = 1e4 + torch.randn(256, 4, generator=gen, dtype=torch.float64)
+    g64 = torch.randn(256, 4, generator=gen, dtype=torch.float64)
+    mean = torch.full((4,), 1e4, dtype=torch.float64) + 0.1
+    var = torch.full((4,), 1.5, dtype=torch.float64)
+
+    def weight_gradient(dtype: torch.dtype, rewrite: bool) -> torch.Tensor:
+        w = torch.ones(4, dtype=dtype, requires_grad=True)
+        args = (x64.to(dtype), mean.to(dtype), var.to(dtype), w, torch.zeros(4, dtype=dtype))
+        with lean_graph() if rewrite else contextlib.nullcontext():
+            out = torch.nn.functional.batch_norm(*args)
+        return torch.autograd.grad(out, w, g64.to(dtype))[0].double()
+
+    exact = weight_gradient(torch.float64, False)
+    plain = (weight_gradient(torch.float32, False) - exact).norm() / exact.norm()
+    lean = (weight_gradient(torch.float32, True) - exact).norm() / exact.norm()
+    assert lean < max(10 * plain, 1e-6)
+
+
+@pytest.mark.parametrize(
+    "case", ["bfloat16", "float32 statistics in a bfloat16 model", "wrong length", "stats grad"]
+)
+def test_calls_pytorch_normalises_differently_or_refuses_are_left_to_it(case):
+    bn = _with_statistics(nn.BatchNorm2d(3)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    if case == "bfloat16":
+        bn, x = bn.bfloat16(), x.bfloat16()
+    elif case == "float32 statistics in a bfloat16 model":
+        x = x.bfloat16()
+        bn.weight.data, bn.bias.data = bn.weight.data.bfloat16(), bn.bias.data.bfloat16()
+    elif case == "wrong length":
+        bn = _with_statistics(nn.BatchNorm2d(1)).eval()
+    else:
+        bn.running_mean.requires_grad_(True)
+    try:
+        plain = bn(x)
+    except RuntimeError as err:
+        with pytest.raises(RuntimeError, match=str(err)[:30]), lean_graph():
+            bn(x)
+        return
+    with lean_graph():
+        lean = bn(x)
+    assert lean.dtype == plain.dtype
+    assert type(lean.grad_fn).__name__ == type(plain.grad_fn).__name__
+    torch.testing.assert_close(lean, plain)

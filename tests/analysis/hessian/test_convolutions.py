@@ -196,3 +196,39 @@ def test_an_input_hessian_product_forms_no_weight_gradient():
     assert any(shape[0] != 8 for shape in seen[False])
     assert seen[True] and all(shape[0] == 8 for shape in seen[True])
     assert len(seen[True]) < len(seen[False])
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("channels", "fold"), [(3, True), (SMALL_INPUT_CHANNELS + 2, False)])
+def test_the_input_gradient_of_few_channels_is_a_fold_on_a_cpu(channels, fold):
+    net = nn.Sequential(nn.Conv2d(channels, 4, 3, stride=(2,), padding=(1,))).double()
+    x = torch.randn(3, channels, 7, 7, dtype=torch.float64)
+    consts = {k: t.detach() for k, t in net.named_parameters()}
+    z = x.clone().requires_grad_(True)
+    with lean_graph():
+        out = torch.func.functional_call(net, consts, (z,))
+    with _Ops() as mode:
+        (g,) = torch.autograd.grad(out.square().sum(), z)
+    assert ("col2im" in mode.names) == fold
+    assert ("convolution_backward" in mode.names) != fold
+    (want,) = torch.autograd.grad(net(z).square().sum(), z)
+    torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-13)
+
+
+def test_an_empty_batch_passes_through():
+    net = nn.Conv2d(3, 4, 3).double()
+    z = torch.zeros(0, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    consts = {k: t.detach() for k, t in net.named_parameters()}
+    with lean_graph():
+        out = torch.func.functional_call(net, consts, (z,))
+    (g,) = torch.autograd.grad(out.sum(), z)
+    assert out.shape == (0, 4, 4, 4) and g.shape == z.shape

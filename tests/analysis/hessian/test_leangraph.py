@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -79,3 +81,29 @@ def test_autocast_and_torch_func_transforms_are_left_to_pytorch():
         got = per_sample(params, x)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name])
+
+
+def test_forward_mode_ad_is_left_to_pytorch():
+    from torch.autograd import forward_ad
+
+    net = _model()
+    x, _ = _data(2)
+    tangents = {}
+    for rewrite in (False, True):
+        with forward_ad.dual_level():
+            z = forward_ad.make_dual(x, torch.ones_like(x))
+            with lean_graph() if rewrite else contextlib.nullcontext():
+                tangents[rewrite] = forward_ad.unpack_dual(net(z)).tangent
+    torch.testing.assert_close(tangents[True], tangents[False])
+
+
+def test_input_hessian_of_a_torchscript_model():
+    plain = _model()
+    model = torch.jit.script(plain)
+    x, y = _data(3)
+    v = torch.randn(3, x[0].numel(), dtype=torch.float64)
+    hv = InputHessian(model, CE, x, y).matvec(v, torch.arange(3))
+    for i in range(3):
+        dense = torch.func.hessian(lambda z, i=i: CE(plain(z[None]), y[i : i + 1]))(x[i])
+        d = x[i].numel()
+        torch.testing.assert_close(hv[i], dense.reshape(d, d) @ v[i], rtol=1e-10, atol=1e-12)

@@ -99,3 +99,28 @@ def test_the_product_makes_no_zero_tensors_for_relu_and_pooling():
     activation = (4, 3, 6, 6)  # what ReLU outputs and max-pooling takes
     assert activation in zeros[False]  # the derivative of a mask w.r.t. its input
     assert activation not in zeros[True]
+
+
+REWRITTEN = {
+    "F.relu": (lambda x: F.relu(x), "_ReLUBackward"),
+    "torch.relu": (torch.relu, "_ReLUBackward"),
+    "Tensor.relu": (lambda x: x.relu(), "_ReLUBackward"),
+    "nn.MaxPool2d": (nn.MaxPool2d(2), "_MaxPool2dBackward"),
+    "F.max_pool2d, stride=None": (lambda x: F.max_pool2d(x, 2, None), "_MaxPool2dBackward"),
+    "torch.max_pool2d": (lambda x: torch.max_pool2d(x, 2, 1), "_MaxPool2dBackward"),
+    "return_indices, positional": (
+        lambda x: F.max_pool2d(x, 2, 2, 0, 1, False, True)[0],
+        "_MaxPool2dBackward",
+    ),
+    "max_pool2d_with_indices": (lambda x: F.max_pool2d_with_indices(x, 2)[0], "_MaxPool2dBackward"),
+    "in-place ReLU": (lambda x: F.relu(x * 1, inplace=True), "ReluBackward0"),
+}
+
+
+@pytest.mark.parametrize("name", list(REWRITTEN))
+def test_every_call_form_is_recorded_with_the_lean_function(name):
+    fn, grad_fn = REWRITTEN[name]
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    with lean_graph():
+        out = fn(x)
+    assert type(out.grad_fn).__name__ == grad_fn
