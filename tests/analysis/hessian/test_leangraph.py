@@ -107,3 +107,14 @@ def test_input_hessian_of_a_torchscript_model():
         dense = torch.func.hessian(lambda z, i=i: CE(plain(z[None]), y[i : i + 1]))(x[i])
         d = x[i].numel()
         torch.testing.assert_close(hv[i], dense.reshape(d, d) @ v[i], rtol=1e-10, atol=1e-12)
+
+
+def test_small_calls_are_left_to_pytorch(monkeypatch):
+    from analysis.hessian import leangraph
+
+    monkeypatch.setattr(leangraph, "MIN_ELEMENTS", 100)
+    small = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)  # 96 elements
+    large = torch.randn(3, 3, 4, 4, dtype=torch.float64, requires_grad=True)  # 144
+    with lean_graph():
+        assert type(torch.relu(small).grad_fn).__name__ == "ReluBackward0"
+        assert type(torch.relu(large).grad_fn).__name__ == "_ReLUBackward"
