@@ -7,17 +7,17 @@ for, and the weight's whenever the input's is. For a weight Hessian the first la
 is data, so every product ran a transposed convolution of the whole batch and threw it away
 (a quarter of a product on the benchmark's CIFAR-shaped CNN); for an input Hessian the
 weights are constants, so every product ran a weight gradient of every convolution (a
-seventh of a product there). Two Functions record such convolutions instead:
+seventh of a product there). ``_Convolution`` records such convolutions instead:
 
-- ``_DataConvolution`` (the input needs no gradient): its backward is the weight gradient,
-  whose own derivative is one forward convolution of the data.
-- ``_FixedWeightConvolution`` (the weights need none): its backward is the input gradient,
-  whose own derivative is one forward convolution with the weights. On a CPU, when the input
-  has at most ``SMALL_INPUT_CHANNELS`` channels (an image model's first layer), that input
-  gradient of a 2-d convolution without groups is one matrix product and a ``fold``:
-  oneDNN's transposed convolution into 1 or 3 channels measured 2-5x slower (stride-4
-  patches and 3x3 kernels on 32x32 RGB, 3x3 on 8x8 grey), and 6x faster than the fold into
-  16 channels.
+- when the input needs no gradient (data), its backward is the weight gradient, whose own
+  derivative is one forward convolution of the data;
+- when the weights need none, its backward is the input gradient, whose own derivative is
+  one forward convolution with the weights. On a CPU, when the input has at most
+  ``SMALL_INPUT_CHANNELS`` channels (an image model's first layer), that input gradient of
+  a 2-d convolution without groups is one matrix product and a ``fold``: oneDNN's
+  transposed convolution into 1 or 3 channels measured 2-5x slower (stride-4 patches and
+  3x3 kernels on 32x32 RGB, 3x3 on 8x8 grey), and 6x faster than the fold into 16
+  channels.
 
 Every other convolution is left as it is. ``lean_graph`` installs the handler.
 """
@@ -77,115 +77,85 @@ def _input_gradient(
     )[0]
 
 
-class _WeightGradient(torch.autograd.Function):
-    """The weight gradient ``corr(grad_out, x)`` of a convolution, as a function of
-    ``grad_out`` alone (``x`` is data): its own derivative is the convolution ``x * v``."""
+def _weight_gradient(
+    grad_out: torch.Tensor, x: torch.Tensor, shape: torch.Size, conv: tuple
+) -> torch.Tensor:
+    """The gradient w.r.t. a convolution's weight (of ``shape``), from ``grad_out`` and the
+    input ``x``."""
+    stride, padding, dilation, groups = conv
+    placeholder = grad_out.new_empty(1).expand(shape)  # only its size is read
+    return torch.ops.aten.convolution_backward(
+        grad_out,
+        x,
+        placeholder,
+        None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0] * (x.dim() - 2),
+        groups,
+        [False, True, False],
+    )[1]
+
+
+class _Gradient(torch.autograd.Function):
+    """A convolution's gradient w.r.t. one operand (``wrt``: "input" or "weight") as a
+    linear function of ``grad_out`` alone, the other operand ``const`` held constant: its own
+    derivative is one convolution of ``v`` with ``const``."""
 
     @staticmethod
-    def forward(grad_out, x, weight, stride, padding, dilation, groups):
-        n = x.dim() - 2
-        return torch.ops.aten.convolution_backward(
-            grad_out,
-            x,
-            weight,
-            None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0] * n,
-            groups,
-            [False, True, False],
-        )[1]
+    def forward(grad_out, const, wrt, shape, stride, padding, dilation, groups):
+        conv = (stride, padding, dilation, groups)
+        if wrt == "input":
+            return _input_gradient(grad_out, const, shape, conv)
+        return _weight_gradient(grad_out, const, shape, conv)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, x, _, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(x)
-        ctx.conv = (stride, padding, dilation, groups)
+        _, const, wrt, _, *conv = inputs
+        ctx.save_for_backward(const)
+        ctx.wrt, ctx.conv = wrt, tuple(conv)
 
     @staticmethod
     def backward(ctx, v):
-        (x,) = ctx.saved_tensors
-        return _convolve(x, v, None, ctx.conv), None, None, None, None, None, None
+        (const,) = ctx.saved_tensors
+        x, weight = (v, const) if ctx.wrt == "input" else (const, v)
+        return _convolve(x, weight, None, ctx.conv), *[None] * 7
 
 
-class _DataConvolution(torch.autograd.Function):
-    """A convolution of data ``x`` (no gradient): its backward builds the weight gradient
-    with ``_WeightGradient`` so that a second backward never differentiates w.r.t. ``x``."""
+class _Convolution(torch.autograd.Function):
+    """A convolution with one constant operand (``const``: "input", data, or "weight"): its
+    backward forms the other operand's gradient with ``_Gradient``, so a second backward
+    never differentiates w.r.t. the constant."""
 
     @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups):
+    def forward(x, weight, bias, const, stride, padding, dilation, groups):
         return _convolve(x, weight, bias, (stride, padding, dilation, groups))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.conv = (stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
+        x, weight, bias, const, *conv = inputs
+        ctx.save_for_backward(x if const == "input" else weight)
+        ctx.const, ctx.conv, ctx.has_bias = const, tuple(conv), bias is not None
+        ctx.shapes = (x.shape, weight.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        gw = gb = None
-        if ctx.needs_input_grad[1]:
-            gw = _WeightGradient.apply(
-                grad_out, x, weight.detach(), stride, padding, dilation, groups
-            )
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        (const,) = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.const == "weight" and ctx.needs_input_grad[0]:
+            gx = _Gradient.apply(grad_out, const, "input", ctx.shapes[0], *ctx.conv)
+        if ctx.const == "input" and ctx.needs_input_grad[1]:
+            gw = _Gradient.apply(grad_out, const, "weight", ctx.shapes[1], *ctx.conv)
+        if ctx.const == "input" and ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad_out.sum(dim=[0, *range(2, grad_out.dim())])
-        return None, gw, gb, None, None, None, None
-
-
-class _InputGradient(torch.autograd.Function):
-    """The input gradient of a convolution with constant ``weight``, as a function of
-    ``grad_out`` alone: its own derivative is the convolution ``v * weight``."""
-
-    @staticmethod
-    def forward(grad_out, weight, shape, stride, padding, dilation, groups):
-        return _input_gradient(grad_out, weight, shape, (stride, padding, dilation, groups))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, weight, _, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(weight)
-        ctx.conv = (stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, v):
-        (weight,) = ctx.saved_tensors
-        return _convolve(v, weight, None, ctx.conv), None, None, None, None, None, None
-
-
-class _FixedWeightConvolution(torch.autograd.Function):
-    """A convolution whose weight and bias need no gradient: its backward builds the input
-    gradient with ``_InputGradient``, so a second backward never forms a weight gradient."""
-
-    @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups):
-        return _convolve(x, weight, bias, (stride, padding, dilation, groups))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, _, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(weight)
-        ctx.shape = x.shape
-        ctx.conv = (stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (weight,) = ctx.saved_tensors
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = _InputGradient.apply(grad_out, weight, ctx.shape, *ctx.conv)
-        return gx, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 def convolution(n: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """An ``n``-d convolution call as one of the Functions above, or None where neither
-    applies (both or neither operand needs a gradient, a string padding, unbatched input)."""
+    """An ``n``-d convolution call as a ``_Convolution``, or None where it does not apply
+    (both or neither operand needs a gradient, a string padding, unbatched input)."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     given = dict(zip(names, args, strict=False)) | kwargs
     x, weight, bias = given["input"], given["weight"], given.get("bias")
@@ -195,11 +165,11 @@ def convolution(n: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
     params_need_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
     if x.requires_grad == params_need_grad:
         return None
-    function = _FixedWeightConvolution if x.requires_grad else _DataConvolution
-    return function.apply(
+    return _Convolution.apply(
         x,
         weight,
         bias,
+        "weight" if x.requires_grad else "input",
         _tuple(given.get("stride", 1), n),
         _tuple(padding, n),
         _tuple(given.get("dilation", 1), n),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class DenseOperator:
@@ -79,3 +80,25 @@ def dense_weight_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     h = torch.func.hessian(loss)(flat0)
     model.train(was_training)
     return h
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every ATen operation that runs inside it: its name and output shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+        self.ops.append((func.overloadpacket.__name__, shape))
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.ops]
+
+    def shapes(self, *names: str) -> list[tuple[int, ...]]:
+        """Output shapes of the operations called ``names`` (of all, when none is given)."""
+        return [shape for name, shape in self.ops if not names or name in names]

@@ -7,9 +7,9 @@ import contextlib
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from analysis.hessian.leangraph import lean_graph
+from tests.analysis.hessian.reference import OpRecorder
 
 
 def _with_statistics(bn: nn.Module) -> nn.Module:
@@ -62,21 +62,6 @@ def test_values_and_derivatives_are_unchanged(bn, shape, train):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
-class _Ops(TorchDispatchMode):
-    """Records each operation's name and output shape."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.names.append(func.overloadpacket.__name__)
-        self.shapes.append(tuple(out.shape) if isinstance(out, torch.Tensor) else ())
-        return out
-
-
 def test_the_product_runs_no_batch_norm_double_backward():
     net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten()).double().eval()
     _with_statistics(net[1])
@@ -86,10 +71,10 @@ def test_the_product_runs_no_batch_norm_double_backward():
     for rewrite in (False, True):
         with lean_graph() if rewrite else contextlib.nullcontext():
             grads = torch.autograd.grad(net(x).tanh().sum(), params, create_graph=True)
-        with _Ops() as mode:
+        with OpRecorder() as mode:
             torch.autograd.grad(grads, params, [torch.ones_like(g) for g in grads])
         ops[rewrite] = mode.names
-        full[rewrite] = mode.shapes.count((4, 3, 4, 4))  # tensors the activations' size
+        full[rewrite] = mode.shapes().count((4, 3, 4, 4))  # tensors the activations' size
     assert any("batch_norm" in name for name in ops[False])
     assert not any("batch_norm" in name for name in ops[True])
     assert full[True] < full[False]

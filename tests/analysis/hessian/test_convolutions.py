@@ -7,14 +7,14 @@ import contextlib
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from analysis.hessian import WeightHessian
 from analysis.hessian.convolutions import SMALL_INPUT_CHANNELS, _input_gradient
 from analysis.hessian.leangraph import lean_graph
-from tests.analysis.hessian.reference import dense_weight_hessian
+from tests.analysis.hessian.reference import OpRecorder, dense_weight_hessian
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONVOLUTIONS = ("convolution", "_convolution")
 
 
 def _net(dim: int, **conv) -> nn.Module:
@@ -52,20 +52,6 @@ def test_gradient_and_hessian_vector_product_are_unchanged(dim, conv):
         torch.testing.assert_close(rewritten, plain, rtol=1e-12, atol=1e-13)
 
 
-class _Convolutions(TorchDispatchMode):
-    """Records the output shape of every convolution that runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten._convolution):
-            self.shapes.append(tuple(out.shape))
-        return out
-
-
 def test_the_product_no_longer_differentiates_the_data():
     net = _net(2, stride=2)
     x = torch.randn(8, 4, 10, 10, dtype=torch.float64)
@@ -78,9 +64,9 @@ def test_the_product_no_longer_differentiates_the_data():
         with lean_graph() if rewrite else contextlib.nullcontext():
             loss = nn.functional.cross_entropy(net(x), y)
             grads = torch.autograd.grad(loss, params, create_graph=True)
-        with _Convolutions() as mode:
+        with OpRecorder() as mode:
             torch.autograd.grad(grads, params, v)
-        seen[rewrite] = mode.shapes
+        seen[rewrite] = mode.shapes(*CONVOLUTIONS)
     assert tuple(x.shape) in seen[False]  # PyTorch's double backward: a gradient w.r.t. x
     assert tuple(x.shape) not in seen[True]
     assert len(seen[True]) < len(seen[False])
@@ -114,11 +100,12 @@ def test_weight_hessian_of_a_strided_cnn_matches_the_dense_one(hvp, cache_bytes)
     data = [(x[:4], y[:4]), (x[4:], y[4:])]
     op = WeightHessian(model, nn.CrossEntropyLoss(), data, hvp=hvp, cache_bytes=cache_bytes)
     eye = torch.eye(op.size, dtype=torch.float64)
-    with _Convolutions() as mode:
+    with OpRecorder() as mode:
         columns = torch.stack([op.matvec(e) for e in eye], dim=1)
     torch.testing.assert_close(columns, dense, rtol=1e-10, atol=1e-12)
     # the data is re-chunked into one chunk of all 10 samples
-    assert mode.shapes and tuple(x.shape) not in mode.shapes
+    convolutions = mode.shapes(*CONVOLUTIONS)
+    assert convolutions and tuple(x.shape) not in convolutions
 
 
 def _input_hvp(net: nn.Module, x: torch.Tensor, v: torch.Tensor, rewrite: bool) -> tuple:
@@ -188,24 +175,14 @@ def test_an_input_hessian_product_forms_no_weight_gradient():
         with lean_graph() if rewrite else contextlib.nullcontext():
             out = torch.func.functional_call(net, consts, (z,))
             (g,) = torch.autograd.grad(out.square().sum(), z, create_graph=True)
-        with _Convolutions() as mode:
+        with OpRecorder() as mode:
             torch.autograd.grad(g, z, torch.ones_like(z))
-        seen[rewrite] = mode.shapes
+        seen[rewrite] = mode.shapes(*CONVOLUTIONS)
     # PyTorch's double backward also forms a weight gradient: a convolution over the
     # channels (x and the output gradient transposed), not over the 8 samples
     assert any(shape[0] != 8 for shape in seen[False])
     assert seen[True] and all(shape[0] == 8 for shape in seen[True])
     assert len(seen[True]) < len(seen[False])
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(("channels", "fold"), [(3, True), (SMALL_INPUT_CHANNELS + 2, False)])
@@ -216,7 +193,7 @@ def test_the_input_gradient_of_few_channels_is_a_fold_on_a_cpu(channels, fold):
     z = x.clone().requires_grad_(True)
     with lean_graph():
         out = torch.func.functional_call(net, consts, (z,))
-    with _Ops() as mode:
+    with OpRecorder() as mode:
         (g,) = torch.autograd.grad(out.square().sum(), z)
     assert ("col2im" in mode.names) == fold
     assert ("convolution_backward" in mode.names) != fold

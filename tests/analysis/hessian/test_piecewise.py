@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from analysis.hessian.leangraph import lean_graph
+from tests.analysis.hessian.reference import OpRecorder
 
 
 class _Lambda(nn.Module):
@@ -67,21 +67,6 @@ def test_gradients_and_products_are_unchanged(name):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
 
 
-class _Zeros(TorchDispatchMode):
-    """Records the shape of every tensor made or filled with zeros."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        zeroing = (torch.ops.aten.fill_, torch.ops.aten.zero_, torch.ops.aten.zeros_like)
-        if func.overloadpacket in zeroing:
-            self.shapes.append(tuple(out.shape))
-        return out
-
-
 def test_the_product_makes_no_zero_tensors_for_relu_and_pooling():
     net = nn.Sequential(
         nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 3)
@@ -93,9 +78,9 @@ def test_the_product_makes_no_zero_tensors_for_relu_and_pooling():
         params = list(net.parameters())
         with lean_graph() if rewrite else contextlib.nullcontext():
             grads = torch.autograd.grad(F.cross_entropy(net(x), y), params, create_graph=True)
-        with _Zeros() as mode:
+        with OpRecorder() as mode:
             torch.autograd.grad(grads, params, [torch.ones_like(g) for g in grads])
-        zeros[rewrite] = mode.shapes
+        zeros[rewrite] = mode.shapes("fill_", "zero_", "zeros_like")
     activation = (4, 3, 6, 6)  # what ReLU outputs and max-pooling takes
     assert activation in zeros[False]  # the derivative of a mask w.r.t. its input
     assert activation not in zeros[True]
