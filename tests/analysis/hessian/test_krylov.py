@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from analysis.hessian.krylov import KrylovBasis
@@ -55,5 +56,24 @@ def test_row_subsets_project_against_their_own_bases():
 
     basis.keep_rows(rows)
     assert basis.rows == 2
+    for j in range(5):
+        assert torch.equal(basis.column(j), dense[rows, j])
+
+
+@pytest.mark.parametrize("kept", [[0, 2, 3, 5], [1, 2, 3, 4, 5], [5], [0, 1, 2]])
+def test_ascending_rows_move_down_in_place(kept):
+    basis, dense = _filled(rows=6, size=9, m=5, block=2)
+    storage = [blk.untyped_storage().data_ptr() for blk in basis.blocks]
+    rows = torch.tensor(kept)
+    basis.keep_rows(rows)
+    assert basis.rows == len(kept)
+    assert [blk.untyped_storage().data_ptr() for blk in basis.blocks] == storage
+    for j in range(5):
+        assert torch.equal(basis.column(j), dense[rows, j])
+    w = torch.randn(len(kept), 9, dtype=torch.float64)
+    out = basis.project_out(w)
+    assert torch.einsum("bmd,bd->bm", dense[rows], out).abs().max() < 1e-12
+    basis.append(torch.ones(len(kept), 9, dtype=torch.float64))  # into the narrowed block
+    assert torch.equal(basis.column(5), torch.ones(len(kept), 9, dtype=torch.float64))
     for j in range(5):
         assert torch.equal(basis.column(j), dense[rows, j])
