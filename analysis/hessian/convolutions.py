@@ -33,7 +33,7 @@ DIMS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 SMALL_INPUT_CHANNELS = 4
 
 
-def _tuple(value: int | Sequence[int], n: int) -> list[int]:
+def as_ints(value: int | Sequence[int], n: int) -> list[int]:
     """``n`` ints from an int or a sequence (of one, as PyTorch also accepts, or of ``n``)."""
     values = [int(v) for v in value] if isinstance(value, Sequence) else [int(value)]
     return values * n if len(values) == 1 else values
@@ -170,8 +170,8 @@ def convolution(n: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
         weight,
         bias,
         "weight" if x.requires_grad else "input",
-        _tuple(given.get("stride", 1), n),
-        _tuple(padding, n),
-        _tuple(given.get("dilation", 1), n),
+        as_ints(given.get("stride", 1), n),
+        as_ints(padding, n),
+        as_ints(given.get("dilation", 1), n),
         int(given.get("groups", 1)),
     )

@@ -7,10 +7,10 @@ derivatives are the same; a Hessian-vector product through the graph then skips 
 terms that are thrown away or are zero. A call on fewer than ``MIN_ELEMENTS`` input
 elements is left to PyTorch: the Functions' Python overhead (tens of microseconds a call,
 in the forward and in every product) outweighs the work they save on tensors that small
-(one CIFAR image: per-sample input Hessians 6-30% slower with the rewrites than without,
-measured). Anything a handler does not recognise, and every
-call under autocast, a ``torch.func`` transform or forward-mode AD (the Functions define no
-mixed-precision casts, ``jvp`` or ``vmap`` rules), is left to PyTorch.
+(per-sample input Hessians of one image were 6-30% slower with the rewrites, measured).
+Anything a handler does not recognise, and every call under autocast, a ``torch.func``
+transform or forward-mode AD (the Functions define no mixed-precision casts, ``jvp`` or
+``vmap`` rules), is left to PyTorch.
 """
 
 from __future__ import annotations
