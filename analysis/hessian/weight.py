@@ -52,8 +52,9 @@ class WeightHessian:
     reverse-over-forward (``torch.func``) with a double-backward fallback. ``hvp="forward"``
     never caches; ``hvp="reverse"`` uses double backward only. The double-backward paths
     (kept graphs, and ``"reverse"``) record their graphs with ``lean_graph``: convolutions
-    of the data, ReLU, max-pooling and eval-mode BatchNorm get second derivatives without
-    the unused or zero terms PyTorch's would compute.
+    of the data or with weights outside ``params``, ReLU, max-pooling and eval-mode
+    BatchNorm get second derivatives without the unused or zero terms PyTorch's would
+    compute.
     """
 
     def __init__(
