@@ -49,32 +49,35 @@ def _convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     )
 
 
+def _backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conv: tuple, wrt: int
+) -> torch.Tensor:
+    """PyTorch's convolution gradient w.r.t. the input (``wrt=0``) or the weight (1)."""
+    stride, padding, dilation, groups = conv
+    mask = [wrt == 0, wrt == 1, False]
+    zeros = [0] * (x.dim() - 2)
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, stride, padding, dilation, False, zeros, groups, mask
+    )[wrt]
+
+
+def _sized(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A placeholder of ``shape`` for an operand whose gradient is not formed: only its size
+    is read (as ``torch.nn.grad.conv2d_input`` does)."""
+    return like.new_empty(1).expand(shape)
+
+
 def _input_gradient(
     grad_out: torch.Tensor, weight: torch.Tensor, shape: torch.Size, conv: tuple
 ) -> torch.Tensor:
     """The gradient w.r.t. a convolution's input (of ``shape``), from ``grad_out``."""
     stride, padding, dilation, groups = conv
-    n = len(shape) - 2
-    few_channels = n == 2 and groups == 1 and shape[1] <= SMALL_INPUT_CHANNELS
+    few_channels = len(shape) == 4 and groups == 1 and shape[1] <= SMALL_INPUT_CHANNELS
     if grad_out.device.type == "cpu" and few_channels:
         co = weight.shape[0]
         cols = weight.reshape(co, -1).t() @ grad_out.flatten(2)
         return F.fold(cols, list(shape[2:]), list(weight.shape[2:]), dilation, padding, stride)
-    # only the input's size is read (as torch.nn.grad.conv2d_input does)
-    placeholder = grad_out.new_empty(1).expand(shape)
-    return torch.ops.aten.convolution_backward(
-        grad_out,
-        placeholder,
-        weight,
-        None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0] * n,
-        groups,
-        [True, False, False],
-    )[0]
+    return _backward(grad_out, _sized(grad_out, shape), weight, conv, 0)
 
 
 def _weight_gradient(
@@ -82,21 +85,7 @@ def _weight_gradient(
 ) -> torch.Tensor:
     """The gradient w.r.t. a convolution's weight (of ``shape``), from ``grad_out`` and the
     input ``x``."""
-    stride, padding, dilation, groups = conv
-    placeholder = grad_out.new_empty(1).expand(shape)  # only its size is read
-    return torch.ops.aten.convolution_backward(
-        grad_out,
-        x,
-        placeholder,
-        None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0] * (x.dim() - 2),
-        groups,
-        [False, True, False],
-    )[1]
+    return _backward(grad_out, x, _sized(grad_out, shape), conv, 1)
 
 
 class _Gradient(torch.autograd.Function):
