@@ -1,0 +1,119 @@
+"""Lean gradient graphs on against off, interleaved on one device: is a rewrite worth it here?
+
+``python -m benchmarks.lean_ab [cpu|cuda] [REPEATS]`` times, on both benchmark settings,
+the batched input Hessians of 1,000 samples, one 512-sample input product, one weight
+product and a top-k solve (graph build included) three ways, taking turns within each
+repeat so that load and clock changes hit them alike: ``lean`` (the default),
+``plain`` (every rewrite off) and ``plain_direct`` (rewrites off and the input Hessian's
+model called directly, not through ``functional_call``). It prints medians and minima and
+how far each variant's eigenvalues are from the lean ones. On a CPU it runs one thread.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from analysis.hessian import WeightHessian, input_hessian_spectrum, inputs, lanczos, leangraph
+from benchmarks import hessian_peers as peers
+from benchmarks.hessian_setups import make_setting
+
+N_INPUT = 1000
+PRODUCT_ROWS = 512
+
+
+def _direct_loss(self: inputs.InputHessian, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    return inputs.summed_loss(self.loss_fn, self.model(xs), ys)
+
+
+VARIANTS = {
+    "lean": (leangraph.MIN_ELEMENTS, inputs.InputHessian._loss),
+    "plain": (1 << 62, inputs.InputHessian._loss),
+    "plain_direct": (1 << 62, _direct_loss),
+}
+
+
+def _use(name: str) -> None:
+    leangraph.MIN_ELEMENTS, inputs.InputHessian._loss = VARIANTS[name]
+
+
+def _timer(device: str) -> Callable[[Callable[[], object]], tuple[float, object]]:
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn: Callable[[], object]) -> tuple[float, object]:
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t0, out
+
+    return timed
+
+
+def compare(setting: str, device: str, repeats: int) -> None:
+    """Print the four timings of every variant on one setting, and the eigenvalue gaps."""
+    s = make_setting(setting, device=device)
+    x, y = s.x[:N_INPUT], s.y[:N_INPUT]
+    k = 1 if setting == "digits" else 10
+    rows = torch.arange(PRODUCT_ROWS)
+    timed = _timer(device)
+
+    def inp() -> torch.Tensor:
+        return input_hessian_spectrum(s.model, peers.CE, x, y, k=1, tol=1e-4).eigenvalues
+
+    def top() -> torch.Tensor:
+        op = WeightHessian(s.model, peers.CE, s.batches)
+        return lanczos(op, k=k, tol=1e-4, criterion="eigenvalue").eigenvalues
+
+    weight_ops, input_ops = {}, {}
+    for name in VARIANTS:  # each variant's kept graphs are recorded under its own setting
+        _use(name)
+        weight_ops[name] = WeightHessian(s.model, peers.CE, s.batches)
+        input_ops[name] = inputs.InputHessian(s.model, peers.CE, x[:PRODUCT_ROWS], y[:PRODUCT_ROWS])
+    v = torch.randn(weight_ops["lean"].size, device=device)
+    iv = torch.randn(PRODUCT_ROWS, input_ops["lean"].size, device=device)
+    tasks = {
+        f"input Hessians, {N_INPUT} samples": lambda name: inp(),
+        f"input product, {PRODUCT_ROWS} samples": lambda name: input_ops[name].matvec(iv, rows),
+        "weight product": lambda name: weight_ops[name].matvec(v),
+        f"top-{k}": lambda name: top(),
+    }
+    times: dict[tuple[str, str], list[float]] = {(t, n): [] for t in tasks for n in VARIANTS}
+    values: dict[tuple[str, str], torch.Tensor] = {}
+    for rep in range(repeats + 1):  # the first round warms up (graphs, kernels, imports)
+        for name in VARIANTS:
+            _use(name)
+            for task, fn in tasks.items():
+                seconds, out = timed(lambda: fn(name))  # noqa: B023 (called at once)
+                if rep:
+                    times[(task, name)].append(seconds)
+                    values[(task, name)] = out
+    _use("lean")
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "one thread"
+    print(f"== {setting} on {device} ({gpu}): ms, median / min of {repeats}")
+    for (task, name), ts in times.items():
+        print(f"  {task:30s} {name:13s} {statistics.median(ts) * 1e3:10.3f} {min(ts) * 1e3:10.3f}")
+    for task in (f"input Hessians, {N_INPUT} samples", f"top-{k}"):
+        ref = values[(task, "lean")]
+        for name in VARIANTS:
+            gap = float((values[(task, name)] - ref).abs().max() / ref.abs().max())
+            print(f"  {task}: {name} vs lean, max relative difference {gap:.1e}")
+
+
+def main(argv: list[str]) -> None:
+    device = argv[0] if argv else "cpu"
+    repeats = int(argv[1]) if len(argv) > 1 else 5
+    if device == "cpu":
+        torch.set_num_threads(1)
+    for setting in ("digits", "cifar"):
+        compare(setting, device, repeats)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
