@@ -7,6 +7,7 @@ Pure torch (and numpy-free): any solver accepts any object with ``size``, ``dtyp
 from analysis.hessian.api import hessian_spectrum
 from analysis.hessian.dense import dense_matrix, dense_spectrum
 from analysis.hessian.density import slq_density
+from analysis.hessian.graphcache import NotTwiceDifferentiableError
 from analysis.hessian.inputs import InputHessian, input_hessian_eigenvalues, input_hessian_spectrum
 from analysis.hessian.lanczos import ConvergenceWarning, batched_lanczos, lanczos
 from analysis.hessian.power import power_iteration
@@ -24,6 +25,7 @@ __all__ = [
     "InputHessian",
     "LinearOperator",
     "NonDeterminismError",
+    "NotTwiceDifferentiableError",
     "TraceResult",
     "WeightHessian",
     "batched_lanczos",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -75,3 +75,34 @@ def backward_through(
         materialize_grads=True,
     )
     return list(outs)
+
+
+class NotTwiceDifferentiableError(RuntimeError):
+    """A gradient's graph passes through a backward that has no derivative of its own."""
+
+
+# The node a backward marked ``@once_differentiable`` leaves in a graph built with
+# ``create_graph=True``: it fails only when run, and autograd skips it when asked for
+# gradients w.r.t. chosen inputs (it leads to none of them), so a product would silently
+# lose that function's terms (all zeros, for a function at the top of the model).
+_ERROR_NODE = "torch::autograd::Error"
+
+
+def check_twice_differentiable(grads: Sequence[torch.Tensor]) -> None:
+    """Raise ``NotTwiceDifferentiableError`` if the graph of ``grads`` holds such a node."""
+    seen: set[object] = set()
+    stack = [g.grad_fn for g in grads if g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.name() == _ERROR_NODE:
+            raise NotTwiceDifferentiableError(
+                "the loss's gradient passes through a function whose backward is marked "
+                "@once_differentiable (its backward has no derivative), so its Hessian cannot "
+                "be formed by double backward: autograd would drop that function's terms "
+                "without a word. Give the function a differentiable backward (or a jvp rule, "
+                "for WeightHessian(hvp='forward')), or leave it out of the model."
+            )
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)

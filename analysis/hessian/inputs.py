@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from analysis.hessian.graphcache import check_twice_differentiable
 from analysis.hessian.lanczos import WHICH, ConvergenceWarning, batched_lanczos
 from analysis.hessian.leangraph import lean_graph
 from analysis.hessian.modelutil import (
@@ -133,6 +134,7 @@ class InputHessian:
         with eval_mode(self.model), torch.enable_grad(), lean_graph():
             z = self.x.index_select(0, idx).requires_grad_(True)  # a fresh copy
             (g,) = torch.autograd.grad(self._loss(z, self.y[idx]), z, create_graph=True)
+        check_twice_differentiable((g,))
         return z, g
 
 
