@@ -102,7 +102,11 @@ def exact_float32() -> Iterator[None]:
 
 
 def mean_loss(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The batch-mean loss whatever the loss function's ``reduction`` is."""
+    """The batch-mean loss whatever the loss function's ``reduction`` is.
+
+    A loss module's ``reduction`` is honoured; a plain function may return per-sample losses
+    (a vector) or their mean (a scalar, which is taken as a mean: it cannot say otherwise).
+    """
     loss = loss_fn(output, target)
     reduction = getattr(loss_fn, "reduction", "mean")
     if loss.dim() > 0 or reduction == "none":
