@@ -30,15 +30,16 @@ def _direct_loss(self: inputs.InputHessian, xs: torch.Tensor, ys: torch.Tensor) 
     return inputs.summed_loss(self.loss_fn, self.model(xs), ys)
 
 
+OFF = 1 << 62
 VARIANTS = {
-    "lean": (leangraph.MIN_ELEMENTS, inputs.InputHessian._loss),
-    "plain": (1 << 62, inputs.InputHessian._loss),
-    "plain_direct": (1 << 62, _direct_loss),
+    "lean": (leangraph.MIN_ELEMENTS, leangraph.MIN_ELEMENTS_GPU, inputs.InputHessian._loss),
+    "plain": (OFF, OFF, inputs.InputHessian._loss),
+    "plain_direct": (OFF, OFF, _direct_loss),
 }
 
 
 def _use(name: str) -> None:
-    leangraph.MIN_ELEMENTS, inputs.InputHessian._loss = VARIANTS[name]
+    leangraph.MIN_ELEMENTS, leangraph.MIN_ELEMENTS_GPU, inputs.InputHessian._loss = VARIANTS[name]
 
 
 def _timer(device: str) -> Callable[[Callable[[], object]], tuple[float, object]]:
@@ -72,12 +73,15 @@ def compare(setting: str, device: str, repeats: int) -> None:
         return lanczos(op, k=k, tol=1e-4, criterion="eigenvalue").eigenvalues
 
     weight_ops, input_ops = {}, {}
-    for name in VARIANTS:  # each variant's kept graphs are recorded under its own setting
+    v = iv = None
+    for name in VARIANTS:  # graphs are kept at the first product: under the variant's setting
         _use(name)
         weight_ops[name] = WeightHessian(s.model, peers.CE, s.batches)
         input_ops[name] = inputs.InputHessian(s.model, peers.CE, x[:PRODUCT_ROWS], y[:PRODUCT_ROWS])
-    v = torch.randn(weight_ops["lean"].size, device=device)
-    iv = torch.randn(PRODUCT_ROWS, input_ops["lean"].size, device=device)
+        v = torch.randn(weight_ops[name].size, device=device)
+        iv = torch.randn(PRODUCT_ROWS, input_ops[name].size, device=device)
+        weight_ops[name].matvec(v)
+        input_ops[name].matvec(iv, rows)
     tasks = {
         f"input Hessians, {N_INPUT} samples": lambda name: inp(),
         f"input product, {PRODUCT_ROWS} samples": lambda name: input_ops[name].matvec(iv, rows),

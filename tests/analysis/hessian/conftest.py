@@ -25,5 +25,6 @@ def cnn_problem():
 @pytest.fixture(autouse=True)
 def lean_graphs_on_tiny_tensors(monkeypatch):
     """The tests' tiny models get the lean-graph rewrites too (a real run skips them below
-    ``leangraph.MIN_ELEMENTS``), so every exactness test here covers them."""
+    ``leangraph.min_elements``), so every exactness test here covers them."""
     monkeypatch.setattr(leangraph, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(leangraph, "MIN_ELEMENTS_GPU", 0)

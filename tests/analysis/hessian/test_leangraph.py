@@ -122,6 +122,16 @@ def test_small_calls_are_left_to_pytorch(monkeypatch):
         assert type(torch.relu(large).grad_fn).__name__ == "_ReLUBackward"
 
 
+def test_the_size_bar_depends_on_the_device(monkeypatch):
+    from analysis.hessian import leangraph
+
+    monkeypatch.setattr(leangraph, "MIN_ELEMENTS", 10)
+    monkeypatch.setattr(leangraph, "MIN_ELEMENTS_GPU", 1000)
+    assert leangraph.min_elements(torch.device("cpu")) == 10
+    assert leangraph.min_elements(torch.device("cuda", 0)) == 1000
+    assert leangraph.min_elements(torch.device("mps")) == 1000
+
+
 def _node_names(tensor: torch.Tensor) -> set[str]:
     """Class names of every node in ``tensor``'s autograd graph."""
     seen, stack, names = set(), [tensor.grad_fn], set()

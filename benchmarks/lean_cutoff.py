@@ -1,0 +1,104 @@
+"""Products under several lean-graph size cutoffs, interleaved: where should the bar sit?
+
+``python -m benchmarks.lean_cutoff [cpu|cuda] [REPEATS] [CASES]`` times one weight product
+and one input product (512 samples; ResNet-20 256) with the rewrites applied to calls of at
+least 2**13, 2**16, 2**18 and 2**20 input elements, and with none ("off"), taking turns
+within each repeat. CASES (comma-separated, default all): the two benchmark settings
+``digits`` and ``cifar``, and the study's models on random CIFAR-shaped data ``c1x512``,
+``resnet20x256`` and ``c2x512`` (all with BatchNorm). It prints median / min milliseconds
+and the largest relative difference of a weight product from the "off" one.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from analysis.hessian import WeightHessian, leangraph
+from analysis.hessian.inputs import InputHessian
+from benchmarks.hessian_setups import make_setting
+from trainables.models import build_model
+
+CE = nn.CrossEntropyLoss()
+CUTOFFS = {"2^13": 2**13, "2^16": 2**16, "2^18": 2**18, "2^20": 2**20, "off": 1 << 62}
+STUDY_MODELS = {"c1x512": ("c1", 512), "resnet20x256": ("resnet20", 256), "c2x512": ("c2", 512)}
+CASES = ("digits", "cifar", *STUDY_MODELS)
+
+
+def _case(name: str, device: str) -> tuple[nn.Module, list, torch.Tensor, torch.Tensor]:
+    if name in ("digits", "cifar"):
+        s = make_setting(name, device=device)
+        return s.model, s.batches, s.x[:512], s.y[:512]
+    model_name, n = STUDY_MODELS[name]
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, 3, 32).to(device).eval()
+    x = torch.randn(n, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (n,), device=device)
+    return model, [(x, y)], x, y
+
+
+def compare(name: str, device: str, repeats: int) -> None:
+    """Print one case's weight- and input-product times under every cutoff."""
+    model, batches, x, y = _case(name, device)
+    rows = torch.arange(len(x))
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    weight_ops, input_ops = {}, {}
+    for cut, value in CUTOFFS.items():  # graphs are kept at the first product: under value
+        leangraph.MIN_ELEMENTS = leangraph.MIN_ELEMENTS_GPU = value
+        weight_ops[cut] = WeightHessian(model, CE, batches)
+        input_ops[cut] = InputHessian(model, CE, x, y)
+        v = torch.randn(weight_ops[cut].size, device=device)
+        iv = torch.randn(len(x), input_ops[cut].size, device=device)
+        weight_ops[cut].matvec(v)
+        input_ops[cut].matvec(iv, rows)
+    times = {(kind, cut): [] for kind in ("weight", "input") for cut in CUTOFFS}
+    for _ in range(repeats):
+        for cut in CUTOFFS:
+            for kind, product in (
+                ("weight", lambda: weight_ops[cut].matvec(v)),  # noqa: B023 (called at once)
+                ("input", lambda: input_ops[cut].matvec(iv, rows)),  # noqa: B023
+            ):
+                sync()
+                t0 = time.perf_counter()
+                product()
+                sync()
+                times[(kind, cut)].append(time.perf_counter() - t0)
+    ref = weight_ops["off"].matvec(v)
+    gap = max(float((op.matvec(v) - ref).norm() / ref.norm()) for op in weight_ops.values())
+    for kind in ("weight", "input"):
+        cells = "  ".join(
+            f"{cut} {statistics.median(times[(kind, cut)]) * 1e3:8.2f}/"
+            f"{min(times[(kind, cut)]) * 1e3:8.2f}"
+            for cut in CUTOFFS
+        )
+        tail = f"  max rel. difference {gap:.1e}" if kind == "weight" else ""
+        print(f"{name:13s} {kind:6s} ms {cells}{tail}")
+
+
+def main(argv: list[str]) -> None:
+    device = argv[0] if argv else "cpu"
+    repeats = int(argv[1]) if len(argv) > 1 else 5
+    cases = argv[2].split(",") if len(argv) > 2 else list(CASES)
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    if device == "cpu":
+        torch.set_num_threads(1)
+    saved = leangraph.MIN_ELEMENTS, leangraph.MIN_ELEMENTS_GPU
+    try:
+        for name in cases:
+            compare(name, device, repeats)
+    finally:
+        leangraph.MIN_ELEMENTS, leangraph.MIN_ELEMENTS_GPU = saved
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
