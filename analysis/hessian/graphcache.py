@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # On CPUs the graph lives in host memory shared with everything else: a quarter of it, at
 # most 8 GiB. On GPUs 40% of the memory free when the cache is built.
@@ -78,31 +79,62 @@ def backward_through(
 
 
 class NotTwiceDifferentiableError(RuntimeError):
-    """A gradient's graph passes through a backward that has no derivative of its own."""
+    """The loss's gradient passes through a function that has no derivative of its own."""
 
 
-# The node a backward marked ``@once_differentiable`` leaves in a graph built with
-# ``create_graph=True``: it fails only when run, and autograd skips it when asked for
-# gradients w.r.t. chosen inputs (it leads to none of them), so a product would silently
-# lose that function's terms (all zeros, for a function at the top of the model).
-_ERROR_NODE = "torch::autograd::Error"
+# Nodes that fail when run. A backward marked ``@once_differentiable`` leaves an ``Error``
+# node in a graph built with ``create_graph=True``, and autograd skips it when asked for
+# gradients w.r.t. chosen inputs (it leads to none of them): a product would silently lose
+# that function's terms (all zeros, for a function at the top of the model).
+_FAILING_NODES = ("torch::autograd::Error", "torch::autograd::NotImplemented")
+# The code of the wrapper ``once_differentiable`` puts around a backward. Where no gradient
+# that flows into such a function needs one (a loss, or a function followed only by linear
+# maps of constant coefficients), no node is left at all and the terms are simply missing:
+# only the function's own node in the forward graph tells.
+_ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx, *grads: None).__code__
 
 
-def check_twice_differentiable(grads: Sequence[torch.Tensor]) -> None:
-    """Raise ``NotTwiceDifferentiableError`` if the graph of ``grads`` holds such a node."""
+def _once_differentiable(node: object) -> str | None:
+    """The name of the autograd.Function behind ``node`` if its backward is once-differentiable."""
+    cls = getattr(node, "_forward_cls", None)
+    backward = getattr(cls, "backward", None)
+    if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
+        return cls.__name__
+    return None
+
+
+def check_twice_differentiable(
+    grads: Sequence[torch.Tensor], loss: torch.Tensor | None = None
+) -> None:
+    """Raise ``NotTwiceDifferentiableError`` if a double backward through the graph of
+    ``grads`` (and of ``loss``, the forward graph they came from) would fail or drop terms."""
     seen: set[object] = set()
-    stack = [g.grad_fn for g in grads if g.grad_fn is not None]
+    roots = [*grads, *([loss] if loss is not None else [])]
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        if node.name() == _ERROR_NODE:
+        function = _once_differentiable(node)
+        if function is not None:
             raise NotTwiceDifferentiableError(
-                "the loss's gradient passes through a function whose backward is marked "
-                "@once_differentiable (its backward has no derivative), so its Hessian cannot "
-                "be formed by double backward: autograd would drop that function's terms "
-                "without a word. Give the function a differentiable backward (or a jvp rule, "
-                "for WeightHessian(hvp='forward')), or leave it out of the model."
+                f"{function}, an autograd.Function in the model or the loss, has a backward "
+                "marked @once_differentiable (it has no derivative of its own), so the Hessian "
+                "cannot be formed by double backward: autograd would drop that function's "
+                "second-order terms without a word. " + _FIX
+            )
+        if node.name() in _FAILING_NODES:
+            raise NotTwiceDifferentiableError(
+                f"the loss's gradient passes through autograd node {node.name()}, which fails "
+                "when differentiated (an operation without a second derivative, or a backward "
+                "marked @once_differentiable), so the Hessian cannot be formed by double "
+                "backward. " + _FIX
             )
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+
+
+_FIX = (
+    "Give the function a differentiable backward (or a jvp rule, which "
+    "WeightHessian(hvp='auto' or 'forward') can use), or leave it out of the model."
+)

@@ -133,8 +133,9 @@ class InputHessian:
         idx = rows.to(self.device)
         with eval_mode(self.model), torch.enable_grad(), lean_graph():
             z = self.x.index_select(0, idx).requires_grad_(True)  # a fresh copy
-            (g,) = torch.autograd.grad(self._loss(z, self.y[idx]), z, create_graph=True)
-        check_twice_differentiable((g,))
+            loss = self._loss(z, self.y[idx])
+            (g,) = torch.autograd.grad(loss, z, create_graph=True)
+        check_twice_differentiable((g,), loss)
         return z, g
 
 

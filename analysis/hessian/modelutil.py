@@ -104,8 +104,9 @@ def exact_float32() -> Iterator[None]:
 def mean_loss(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The batch-mean loss whatever the loss function's ``reduction`` is.
 
-    A loss module's ``reduction`` is honoured; a plain function may return per-sample losses
-    (a vector) or their mean (a scalar, which is taken as a mean: it cannot say otherwise).
+    A scalar is taken as it is (divided by the batch size for ``reduction="sum"``), a tensor
+    (``"none"``, or a plain function's per-sample losses) is averaged over all its elements:
+    a plain function's scalar is taken as a mean, since it cannot say otherwise.
     """
     loss = loss_fn(output, target)
     reduction = getattr(loss_fn, "reduction", "mean")

@@ -100,6 +100,7 @@ class WeightHessian:
         if not cache_data:
             self.chunks = []
         self.cache_bytes = default_cache_bytes(self.device) if cache_bytes is None else cache_bytes
+        self._default_budget = cache_bytes is None
         self.cached_bytes = 0
         self._graphs: list[tuple[torch.Tensor, ...]] | None = None
         self._leaves: list[torch.Tensor] = []
@@ -183,33 +184,48 @@ class WeightHessian:
         self._graphs, self._leaves, self.cached_bytes = None, [], 0
 
     def _build_graphs(self) -> list[tuple[torch.Tensor, ...]]:
-        """Each chunk's gradient graph, in order, while their saved tensors fit the budget."""
+        """Each chunk's gradient graph, in order, while their saved tensors fit the budget.
+
+        Where none can be kept (no double backward, or no memory for the first chunk's) every
+        product is computed afresh, and a RuntimeWarning says why: the products stay exact
+        but cost 1.3-2.2x more.
+        """
         if self.hvp_mode == "forward" or not self.cache_data or self.cache_bytes == 0:
             return []
         leaves = [self.theta[n].detach().requires_grad_(True) for n in self.names]
         theta = dict(zip(self.names, leaves, strict=True))
         graphs, used = [], 0
-        try:
-            for x, y in self.chunks:
+        for x, y in self.chunks:
+            try:
                 with torch.enable_grad(), counting_saved_bytes() as saved, lean_graph():
-                    grads = torch.autograd.grad(self._loss(theta, x, y), leaves, create_graph=True)
-                check_twice_differentiable(grads)
-                if used + saved[0] > self.cache_bytes:
+                    loss = self._loss(theta, x, y)
+                    grads = torch.autograd.grad(loss, leaves, create_graph=True)
+                check_twice_differentiable(grads, loss)
+            except (RuntimeError, NotImplementedError) as err:
+                if self.hvp_mode == "reverse" and not _out_of_memory(err):
+                    raise
+                if graphs and _out_of_memory(err):
+                    _slower(
+                        f"{len(graphs)} of {len(self.chunks)} chunks' gradient graphs fit in "
+                        f"memory ({err}); the other chunks' products are computed afresh"
+                    )
                     break
-                graphs.append(grads)
-                used += saved[0]
-        except (RuntimeError, NotImplementedError) as err:
-            if self.hvp_mode == "reverse":
-                raise
-            # a layer without double backward, or no memory for one chunk's graph
-            warnings.warn(
-                f"WeightHessian keeps no gradient graphs ({type(err).__name__}: {err}); every "
-                "product is computed afresh by reverse-over-forward (torch.func), 1.3-2.2x "
-                "slower",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return []
+                _slower(
+                    f"no gradient graph can be kept ({type(err).__name__}: {err}); every "
+                    "product is computed afresh"
+                )
+                return []
+            if used + saved[0] > self.cache_bytes:
+                if not graphs and self._default_budget:
+                    _slower(
+                        f"the first chunk's gradient graph needs {saved[0] / 2**20:.0f} MiB, "
+                        f"more than the cache budget of {self.cache_bytes / 2**20:.0f} MiB; "
+                        "every product is computed afresh (pass a smaller chunk_size, or "
+                        "cache_bytes)"
+                    )
+                break
+            graphs.append(grads)
+            used += saved[0]
         self._leaves, self.cached_bytes = leaves, used
         return graphs
 
@@ -265,7 +281,7 @@ class WeightHessian:
             with lean_graph():
                 loss = self._loss(theta, x, y)
                 grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
-            check_twice_differentiable(grads)
+            check_twice_differentiable(grads, loss)
             dot = sum((g * tangent[n]).sum() for g, n in zip(grads, self.names, strict=True))
             hv = torch.autograd.grad(dot, list(theta.values()))
             flat = torch.cat([h.reshape(-1) for h in hv])
@@ -310,3 +326,17 @@ class WeightHessian:
                 "only defined for fixed data and a deterministic model: turn off random "
                 "augmentation, use layers that respect eval(), or pass a fixed dataset."
             )
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CUDA's, or the CPU allocator's)."""
+    return isinstance(err, torch.OutOfMemoryError) or "not enough memory" in str(err)
+
+
+def _slower(why: str) -> None:
+    warnings.warn(
+        f"WeightHessian: {why} by reverse-over-forward (torch.func, or double backward where "
+        "it cannot), exact but 1.3-2.2x slower per product",
+        RuntimeWarning,
+        stacklevel=4,
+    )

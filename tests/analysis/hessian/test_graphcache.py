@@ -1,7 +1,11 @@
-"""Gradient graphs through a backward without a derivative: an error, never silent zeros."""
+"""Kept gradient graphs: a backward without a derivative is an error, never silent zeros;
+graphs that cannot be kept are said so, and the products stay exact."""
+
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -12,6 +16,7 @@ from analysis.hessian import (
     dense_matrix,
     input_hessian_eigenvalues,
 )
+from analysis.hessian import weight as weight_module
 from analysis.hessian.graphcache import check_twice_differentiable
 
 CE = nn.CrossEntropyLoss()
@@ -103,7 +108,7 @@ def test_weight_hessian_refuses_a_backward_without_derivative(hvp):
     v = torch.randn(op.size, dtype=torch.float64)
     if hvp == "auto":  # kept graphs refused (warned), torch.func refused, then the error
         with (
-            pytest.warns(RuntimeWarning, match="keeps no gradient graphs"),
+            pytest.warns(RuntimeWarning, match="no gradient graph can be kept"),
             pytest.raises(NotTwiceDifferentiableError, match="once_differentiable"),
         ):
             op.matvec(v)
@@ -129,3 +134,110 @@ def test_input_hessian_refuses_a_backward_without_derivative():
     op = InputHessian(model, CE, x, y)
     with pytest.raises(NotTwiceDifferentiableError):
         op.matvec(torch.randn(8, 4, dtype=torch.float64), torch.arange(8))
+
+
+class _OnceDifferentiableCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy whose backward is once-differentiable: at the top of the graph no
+    error node is left (the gradient flowing into it is a constant), the terms just vanish."""
+
+    @staticmethod
+    def forward(ctx, z, y):
+        ctx.save_for_backward(z, y)
+        return F.cross_entropy(z, y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        z, y = ctx.saved_tensors
+        onehot = F.one_hot(y, z.shape[1]).to(z.dtype)
+        return g * (z.softmax(1) - onehot) / z.shape[0], None
+
+
+def _once_differentiable_loss(z, y):
+    return _OnceDifferentiableCrossEntropy.apply(z, y)
+
+
+@pytest.mark.parametrize("hvp", ["auto", "reverse"])
+def test_a_once_differentiable_loss_is_refused_too(hvp):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    op = WeightHessian(model, _once_differentiable_loss, [(x, y)], hvp=hvp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # auto: the fallback's notice
+        with pytest.raises(NotTwiceDifferentiableError, match="_OnceDifferentiableCrossEntropy"):
+            op.matvec(torch.randn(op.size, dtype=torch.float64))
+    with pytest.raises(NotTwiceDifferentiableError, match="once_differentiable"):
+        input_hessian_eigenvalues(model, _once_differentiable_loss, x, y, k=1)
+
+
+def test_an_operation_without_a_double_backward_is_refused_when_the_graphs_are_built():
+    # PyTorch implements no double backward for CTC loss: its NotImplemented node would only
+    # fail at the first product through a kept graph, past the fallback
+    steps, n, classes = 6, 2, 5
+
+    class Frames(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).log_softmax(-1).transpose(0, 1)  # (steps, batch, classes)
+
+    def ctc(out, targets):
+        batch = out.shape[1]
+        lengths = torch.full((batch,), steps), torch.full((batch,), targets.shape[1])
+        return F.ctc_loss(out, targets, *lengths)
+
+    torch.manual_seed(0)
+    x = torch.randn(n, steps, 3, dtype=torch.float64)
+    targets = torch.tensor([[1, 2], [3, 1]])
+    op = WeightHessian(Frames().double(), ctc, [(x, targets)], hvp="reverse")
+    with pytest.raises(NotTwiceDifferentiableError, match="NotImplemented"):
+        op.matvec(torch.randn(op.size, dtype=torch.float64))
+
+
+def test_an_ordinary_model_keeps_every_graph_without_a_warning(cnn_problem):
+    model, x, y, dense = cnn_problem  # convolutions, BatchNorm, ReLU, max-pooling, dropout
+    op = WeightHessian(model, CE, [(x[:12], y[:12]), (x[12:], y[12:])], chunk_size=12)
+    v = torch.randn(op.size, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        hv = op.matvec(v)
+    assert len(op._graphs) == len(op.chunks) == 2
+    torch.testing.assert_close(hv, dense @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_out_of_memory_on_a_later_chunk_keeps_the_graphs_that_fit(cnn_problem):
+    model, x, y, dense = cnn_problem
+    op = WeightHessian(model, CE, [(x, y)], chunk_size=8)  # three chunks
+    calls, loss = [0], op._loss
+
+    def second_build_fails(*args):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return loss(*args)
+
+    op._loss = second_build_fails
+    v = torch.randn(op.size, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="1 of 3 chunks' gradient graphs fit"):
+        hv = op.matvec(v)
+    assert len(op._graphs) == 1
+    torch.testing.assert_close(hv, dense @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_a_default_budget_too_small_for_one_graph_is_said(cnn_problem, monkeypatch):
+    model, x, y, dense = cnn_problem
+    monkeypatch.setattr(weight_module, "default_cache_bytes", lambda device: 1024)
+    op = WeightHessian(model, CE, [(x, y)])
+    v = torch.randn(op.size, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="more than the cache budget of 0 MiB"):
+        hv = op.matvec(v)
+    assert not op._graphs
+    torch.testing.assert_close(hv, dense @ v, rtol=1e-10, atol=1e-12)
+    with warnings.catch_warnings():  # a budget the caller chose is not second-guessed
+        warnings.simplefilter("error", RuntimeWarning)
+        WeightHessian(model, CE, [(x, y)], cache_bytes=1024).matvec(v)

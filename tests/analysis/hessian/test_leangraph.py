@@ -130,6 +130,12 @@ def test_the_size_bar_depends_on_the_device(monkeypatch):
     assert leangraph.min_elements(torch.device("cpu")) == 10
     assert leangraph.min_elements(torch.device("cuda", 0)) == 1000
     assert leangraph.min_elements(torch.device("mps")) == 1000
+    asked = []
+    monkeypatch.setattr(leangraph, "min_elements", lambda device: asked.append(device) or 10)
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    with lean_graph():
+        assert type(torch.relu(x).grad_fn).__name__ == "_ReLUBackward"
+    assert asked == [x.device]  # the bar of the call's own device
 
 
 def _node_names(tensor: torch.Tensor) -> set[str]:
