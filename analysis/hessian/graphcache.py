@@ -108,14 +108,7 @@ def check_twice_differentiable(
 ) -> None:
     """Raise ``NotTwiceDifferentiableError`` if a double backward through the graph of
     ``grads`` (and of ``loss``, the forward graph they came from) would fail or drop terms."""
-    seen: set[object] = set()
-    roots = [*grads, *([loss] if loss is not None else [])]
-    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+    for node in autograd_nodes([*grads, *([loss] if loss is not None else [])]):
         function = _once_differentiable(node)
         if function is not None:
             raise NotTwiceDifferentiableError(
@@ -131,6 +124,18 @@ def check_twice_differentiable(
                 "marked @once_differentiable), so the Hessian cannot be formed by double "
                 "backward. " + _FIX
             )
+
+
+def autograd_nodes(tensors: Sequence[torch.Tensor]) -> Iterator[object]:
+    """Every node of the autograd graphs of ``tensors``, each once."""
+    seen: set[object] = set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        yield node
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
 
 

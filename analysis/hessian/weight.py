@@ -202,9 +202,10 @@ class WeightHessian:
                     grads = torch.autograd.grad(loss, leaves, create_graph=True)
                 check_twice_differentiable(grads, loss)
             except (RuntimeError, NotImplementedError) as err:
-                if self.hvp_mode == "reverse" and not _out_of_memory(err):
+                oom = _out_of_memory(err)
+                if self.hvp_mode == "reverse" and not oom:
                     raise
-                if graphs and _out_of_memory(err):
+                if graphs and oom:
                     _slower(
                         f"{len(graphs)} of {len(self.chunks)} chunks' gradient graphs fit in "
                         f"memory ({err}); the other chunks' products are computed afresh"

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from analysis.hessian import InputHessian, WeightHessian
+from analysis.hessian.graphcache import autograd_nodes
 from analysis.hessian.leangraph import lean_graph
 from tests.analysis.hessian.reference import dense_weight_hessian
 from trainables.models import build_model, model_names
@@ -140,15 +141,7 @@ def test_the_size_bar_depends_on_the_device(monkeypatch):
 
 def _node_names(tensor: torch.Tensor) -> set[str]:
     """Class names of every node in ``tensor``'s autograd graph."""
-    seen, stack, names = set(), [tensor.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(fn for fn, _ in node.next_functions)
-    return names
+    return {type(node).__name__ for node in autograd_nodes([tensor])}
 
 
 @pytest.mark.parametrize("name", model_names())
