@@ -33,7 +33,7 @@ class _KeptGraph:
     """A gradient graph over some samples, and the weights it was built at."""
 
     rows: torch.Tensor  # ascending sample indices, on the CPU
-    weights: tuple[tuple[int, int], ...]  # (id, version) of every parameter and buffer
+    weights: tuple[tuple[int, int, int], ...]  # (id, version, data_ptr) of each weight and buffer
     z: torch.Tensor
     g: torch.Tensor
 
@@ -43,7 +43,8 @@ class InputHessian:
 
     Products go through a kept gradient graph, built at the model's weights of the moment:
     a weight replaced or changed in place (an optimiser step) is noticed and the graph
-    rebuilt, but not a write through ``.data``; ``release()`` frees the graph.
+    rebuilt, and so is one whose ``.data`` is replaced, but not an in-place write through
+    ``.data`` (autograd does not count those); ``release()`` frees the graph.
     """
 
     def __init__(
@@ -109,7 +110,7 @@ class InputHessian:
 
     def _weights(self) -> tuple[tuple[int, int], ...]:
         tensors = itertools.chain(self.model.parameters(), self.model.buffers())
-        return tuple((id(t), t._version) for t in tensors)
+        return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
 
     def _kept_for(self, rows: torch.Tensor) -> tuple[_KeptGraph, torch.Tensor | None]:
         """The kept graph if it covers ``rows`` (unique, on the CPU) at the current weights,

@@ -174,3 +174,12 @@ def test_changed_weights_rebuild_the_kept_graph():
     op.release()
     op.matvec(v, rows)
     assert builds[0] == 3
+    for p in model.parameters():
+        p.data = p.data * 0.5  # an old-style update: new storage, no version change
+    torch.testing.assert_close(
+        op.matvec(v, rows),
+        torch.einsum("bij,bj->bi", _dense_input_hessians(model, x, y), v),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    assert builds[0] == 4
