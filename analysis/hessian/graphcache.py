@@ -95,11 +95,14 @@ _ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx, *grads: None).__code__
 
 
 def _once_differentiable(node: object) -> str | None:
-    """The name of the autograd.Function behind ``node`` if its backward is once-differentiable."""
+    """The name of the autograd.Function behind ``node`` if its backward is once-differentiable
+    (also under other decorators that keep ``__wrapped__``, such as ``torch.amp.custom_bwd``)."""
     cls = getattr(node, "_forward_cls", None)
     backward = getattr(cls, "backward", None)
-    if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
-        return cls.__name__
+    while backward is not None:
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
+            return cls.__name__
+        backward = getattr(backward, "__wrapped__", None)
     return None
 
 

@@ -33,9 +33,12 @@ class _KeptGraph:
     """A gradient graph over some samples, and the weights it was built at."""
 
     rows: torch.Tensor  # ascending sample indices, on the CPU
-    weights: tuple[tuple[int, int, int], ...]  # (id, version, data_ptr) of each weight and buffer
+    weights: tuple[tuple[int, int, int], ...]  # (id, version, storage) of each weight and buffer
     z: torch.Tensor
     g: torch.Tensor
+    # the weights' tensors of the moment, held so that their storage cannot be freed and a
+    # replacement given the same address while the graph lives
+    held: tuple[torch.Tensor, ...]
 
 
 class InputHessian:
@@ -108,9 +111,11 @@ class InputHessian:
         """Free the kept gradient graph (the next product builds one again)."""
         self._kept = None
 
-    def _weights(self) -> tuple[tuple[int, int], ...]:
-        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
-        return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+    def _tensors(self) -> list[torch.Tensor]:
+        return list(itertools.chain(self.model.parameters(), self.model.buffers()))
+
+    def _weights(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple((id(t), t._version, _storage_address(t)) for t in self._tensors())
 
     def _kept_for(self, rows: torch.Tensor) -> tuple[_KeptGraph, torch.Tensor | None]:
         """The kept graph if it covers ``rows`` (unique, on the CPU) at the current weights,
@@ -119,7 +124,8 @@ class InputHessian:
         if kept is None or kept.weights != weights or 2 * len(rows) < len(kept.rows):
             self._kept = None  # free the old graph before building the next one
             order = rows.sort().values
-            kept = self._kept = _KeptGraph(order, weights, *self._build(order))
+            held = tuple(t.detach() for t in self._tensors())
+            kept = self._kept = _KeptGraph(order, weights, *self._build(order), held)
         if len(rows) == len(kept.rows) and bool((rows == kept.rows).all()):
             return kept, None
         pos = torch.searchsorted(kept.rows, rows).clamp_max(len(kept.rows) - 1)
@@ -138,6 +144,14 @@ class InputHessian:
             (g,) = torch.autograd.grad(loss, z, create_graph=True)
         check_twice_differentiable((g,), loss)
         return z, g
+
+
+def _storage_address(t: torch.Tensor) -> int:
+    """Where ``t``'s data lives (0 for a tensor without storage: sparse, or a wrapper)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return 0
 
 
 def input_hessian_spectrum(

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 from analysis.hessian.graphcache import (
+    NotTwiceDifferentiableError,
     backward_through,
     check_twice_differentiable,
     counting_saved_bytes,
@@ -171,13 +172,30 @@ class WeightHessian:
         """Exact Hessian-vector product ``H v`` of the mean loss over all the data."""
         tangent = self.unflatten(v)
         with eval_mode(self.model), exact_float32():
-            if self._graphs is None:
+            first = self._graphs is None
+            if first:
                 self._graphs = self._build_graphs()
-            total = self._hvp_cached(tangent) if self._graphs else None
+            total = self._first_cached(tangent) if first else self._hvp_cached(tangent)
             if self.cache_data and len(self._graphs) == len(self.chunks):
                 return total
             rest = self._hvp_uncached(tangent)
         return rest if total is None else total.add_(rest)
+
+    def _first_cached(self, tangent: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The first product through freshly kept graphs. An operation whose double backward
+        PyTorch lacks fails only here, when its node runs: in auto mode the graphs are then
+        given up for the uncached paths (forward mode may still work)."""
+        if not self._graphs:
+            return None
+        try:
+            return self._hvp_cached(tangent)
+        except (RuntimeError, NotImplementedError) as err:
+            if self.hvp_mode == "reverse" or _out_of_memory(err):
+                raise
+            self.release()
+            self._graphs = []
+            _slower(f"no gradient graph can be kept ({type(err).__name__}: {err})", self.hvp_mode)
+            return None
 
     def release(self) -> None:
         """Free the kept gradient graphs (the next product builds them again)."""
@@ -186,15 +204,15 @@ class WeightHessian:
     def _build_graphs(self) -> list[tuple[torch.Tensor, ...]]:
         """Each chunk's gradient graph, in order, while their saved tensors fit the budget.
 
-        Where none can be kept (no double backward, or no memory for the first chunk's) every
-        product is computed afresh, and a RuntimeWarning says why: the products stay exact
-        but cost 1.3-2.2x more.
+        Chunks without a kept graph (a layer without a second derivative, no memory, or a
+        budget too small) are differentiated afresh in every product, and a RuntimeWarning
+        says why: the products stay exact but cost 1.3-2.2x more. Other errors are raised.
         """
         if self.hvp_mode == "forward" or not self.cache_data or self.cache_bytes == 0:
             return []
         leaves = [self.theta[n].detach().requires_grad_(True) for n in self.names]
         theta = dict(zip(self.names, leaves, strict=True))
-        graphs, used = [], 0
+        graphs, used, sizes = [], 0, []
         for x, y in self.chunks:
             try:
                 with torch.enable_grad(), counting_saved_bytes() as saved, lean_graph():
@@ -203,29 +221,37 @@ class WeightHessian:
                 check_twice_differentiable(grads, loss)
             except (RuntimeError, NotImplementedError) as err:
                 oom = _out_of_memory(err)
-                if self.hvp_mode == "reverse" and not oom:
-                    raise
-                if graphs and oom:
+                missing = isinstance(err, NotTwiceDifferentiableError | NotImplementedError)
+                if not oom and (self.hvp_mode == "reverse" or not missing):
+                    raise  # a mistake in the model, the loss or the data: say it as it is
+                if oom and graphs:
+                    # the graphs that fit stay, less the last: a chunk differentiated afresh
+                    # needs room too
+                    graphs.pop()
+                    used -= sizes.pop()
                     _slower(
-                        f"{len(graphs)} of {len(self.chunks)} chunks' gradient graphs fit in "
-                        f"memory ({err}); the other chunks' products are computed afresh"
+                        f"{len(graphs)} of {len(self.chunks)} chunks' gradient graphs are kept "
+                        f"(out of memory for more: {err})",
+                        self.hvp_mode,
                     )
                     break
+                if oom and self.hvp_mode == "reverse":
+                    raise  # double backward afresh would build the same graph
                 _slower(
-                    f"no gradient graph can be kept ({type(err).__name__}: {err}); every "
-                    "product is computed afresh"
+                    f"no gradient graph can be kept ({type(err).__name__}: {err})", self.hvp_mode
                 )
                 return []
             if used + saved[0] > self.cache_bytes:
                 if not graphs and self._default_budget:
                     _slower(
-                        f"the first chunk's gradient graph needs {saved[0] / 2**20:.0f} MiB, "
-                        f"more than the cache budget of {self.cache_bytes / 2**20:.0f} MiB; "
-                        "every product is computed afresh (pass a smaller chunk_size, or "
-                        "cache_bytes)"
+                        f"the first chunk's gradient graph needs {_size(saved[0])}, more "
+                        f"than the cache budget of {_size(self.cache_bytes)} (pass a smaller "
+                        "chunk_size, or cache_bytes)",
+                        self.hvp_mode,
                     )
                 break
             graphs.append(grads)
+            sizes.append(saved[0])
             used += saved[0]
         self._leaves, self.cached_bytes = leaves, used
         return graphs
@@ -248,9 +274,9 @@ class WeightHessian:
         if self.hvp_mode in ("auto", "forward"):
             try:
                 return self._hvp_forward(tangent, self._uncached_batches())
-            except (RuntimeError, NotImplementedError):
-                if self.hvp_mode == "forward":
-                    raise
+            except (RuntimeError, NotImplementedError) as err:
+                if self.hvp_mode == "forward" or _out_of_memory(err):
+                    raise  # out of memory says nothing about forward mode's support
                 self.hvp_mode = "reverse"
         return self._hvp_reverse(tangent, self._uncached_batches())
 
@@ -334,10 +360,19 @@ def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "not enough memory" in str(err)
 
 
-def _slower(why: str) -> None:
+def _slower(why: str, mode: str) -> None:
+    how = (
+        "double backward"
+        if mode == "reverse"
+        else ("reverse-over-forward (torch.func, or double backward where it cannot)")
+    )
     warnings.warn(
-        f"WeightHessian: {why} by reverse-over-forward (torch.func, or double backward where "
-        "it cannot), exact but 1.3-2.2x slower per product",
+        f"WeightHessian: {why}; the chunks without a kept graph are differentiated afresh "
+        f"in every product by {how}: exact, but 1.3-2.2x slower",
         RuntimeWarning,
         stacklevel=4,
     )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"

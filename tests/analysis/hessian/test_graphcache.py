@@ -214,17 +214,18 @@ def test_out_of_memory_on_a_later_chunk_keeps_the_graphs_that_fit(cnn_problem):
     op = WeightHessian(model, CE, [(x, y)], chunk_size=8)  # three chunks
     calls, loss = [0], op._loss
 
-    def second_build_fails(*args):
+    def third_build_fails(*args):
         calls[0] += 1
-        if calls[0] == 2:
+        if calls[0] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return loss(*args)
 
-    op._loss = second_build_fails
+    op._loss = third_build_fails
     v = torch.randn(op.size, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="1 of 3 chunks' gradient graphs fit"):
+    # two fitted; the second is given up too, as room for the chunks differentiated afresh
+    with pytest.warns(RuntimeWarning, match="1 of 3 chunks' gradient graphs are kept"):
         hv = op.matvec(v)
-    assert len(op._graphs) == 1
+    assert len(op._graphs) == 1 and op.cached_bytes > 0 and op.hvp_mode == "auto"
     torch.testing.assert_close(hv, dense @ v, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
 
@@ -234,10 +235,106 @@ def test_a_default_budget_too_small_for_one_graph_is_said(cnn_problem, monkeypat
     monkeypatch.setattr(weight_module, "default_cache_bytes", lambda device: 1024)
     op = WeightHessian(model, CE, [(x, y)])
     v = torch.randn(op.size, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="more than the cache budget of 0 MiB"):
+    with pytest.warns(RuntimeWarning, match="more than the cache budget of 1024 bytes"):
         hv = op.matvec(v)
     assert not op._graphs
     torch.testing.assert_close(hv, dense @ v, rtol=1e-10, atol=1e-12)
     with warnings.catch_warnings():  # a budget the caller chose is not second-guessed
         warnings.simplefilter("error", RuntimeWarning)
         WeightHessian(model, CE, [(x, y)], cache_bytes=1024).matvec(v)
+
+
+def test_out_of_memory_for_the_first_graph_in_reverse_mode_is_raised(cnn_problem):
+    model, x, y, _ = cnn_problem
+    op = WeightHessian(model, CE, [(x, y)], hvp="reverse")
+
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    op._loss = no_memory  # double backward afresh would need that same graph
+    with pytest.raises(torch.OutOfMemoryError):
+        op.matvec(torch.randn(op.size, dtype=torch.float64))
+
+
+def test_a_mistake_in_the_model_is_raised_as_it_is_without_a_fallback(cnn_problem):
+    model, x, y, _ = cnn_problem
+    op = WeightHessian(model, CE, [(x[:, :, :5, :5], y)])  # images of the wrong size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeError, match=r"shape|size"):
+            op.matvec(torch.randn(op.size, dtype=torch.float64))
+    assert op.hvp_mode == "auto"
+
+
+class _Doubled(torch.autograd.Function):
+    """2 x g, the backward of x * x below, whose own backward is not implemented."""
+
+    @staticmethod
+    def forward(g, x):
+        return 2 * x * g
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("no second derivative here")
+
+
+class _SquareWithoutDoubleBackward(torch.autograd.Function):
+    """x * x whose backward cannot be differentiated, found only when a product runs it."""
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _Doubled.apply(g, x)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 2 * x * t
+
+
+def test_a_double_backward_failing_at_the_first_product_falls_back_to_forward_mode():
+    model, plain, x, y = _models(_SquareWithoutDoubleBackward.apply)
+    expected = dense_matrix(WeightHessian(plain, CE, [(x, y)]))
+    op = WeightHessian(model, CE, [(x, y)])
+    with pytest.warns(RuntimeWarning, match="no second derivative here"):
+        got = dense_matrix(op)
+    assert op._graphs == []
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(NotImplementedError):  # double backward only: nowhere to fall back
+        WeightHessian(model, CE, [(x, y)], hvp="reverse").matvec(expected[0])
+
+
+def test_a_once_differentiable_backward_under_another_decorator_is_found():
+    class Square(torch.autograd.Function):
+        @staticmethod
+        @torch.amp.custom_fwd(device_type="cpu")
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        @torch.amp.custom_bwd(device_type="cpu")
+        @once_differentiable
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+    model, _, x, y = _models(Square.apply)
+    with pytest.raises(NotTwiceDifferentiableError, match="Square"):
+        WeightHessian(model, CE, [(x, y)], hvp="reverse").matvec(
+            torch.randn(15, dtype=torch.float64)
+        )

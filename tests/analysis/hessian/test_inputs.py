@@ -183,3 +183,16 @@ def test_changed_weights_rebuild_the_kept_graph():
         atol=1e-12,
     )
     assert builds[0] == 4
+
+
+def test_a_buffer_without_storage_is_no_obstacle():
+    model = make_mlp(act=nn.Tanh)
+    model.register_buffer("adjacency", torch.eye(3, dtype=torch.float64).to_sparse())
+    x, y = make_data(4, (6,))
+    v = torch.ones(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(
+        InputHessian(model, CE, x, y).matvec(v, torch.arange(4)),
+        torch.einsum("bij,bj->bi", _dense_input_hessians(model, x, y), v),
+        rtol=1e-10,
+        atol=1e-12,
+    )
