@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from analysis.hessian import batchnorm, convolutions, piecewise
@@ -77,6 +78,23 @@ class _LeanGraphMode(TorchFunctionMode):
 
 @contextlib.contextmanager
 def lean_graph() -> Iterator[None]:
-    """Record the layers above with their lean second derivatives inside the block."""
-    with _LeanGraphMode():
+    """Record the layers above with their lean second derivatives inside the block, and run
+    attention with PyTorch's math kernel (``math_attention``)."""
+    with _LeanGraphMode(), math_attention():
         yield
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """``scaled_dot_product_attention`` (``nn.MultiheadAttention``, transformer layers) on its
+    math kernel, and ``nn.MultiheadAttention`` off its fused inference path, inside the block:
+    the fused kernels PyTorch picks otherwise (flash attention, also for float32 on a CPU)
+    have no double backward and no forward-mode rule, so a Hessian through them fails; the
+    math kernel computes the same attention from differentiable operations."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)

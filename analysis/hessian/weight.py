@@ -16,7 +16,7 @@ from analysis.hessian.graphcache import (
     counting_saved_bytes,
     default_cache_bytes,
 )
-from analysis.hessian.leangraph import lean_graph
+from analysis.hessian.leangraph import lean_graph, math_attention
 from analysis.hessian.modelutil import (
     LossFn,
     cast_batch,
@@ -295,7 +295,8 @@ class WeightHessian:
             def directional(th: dict[str, torch.Tensor], x=x, y=y) -> torch.Tensor:
                 return jvp(lambda t: self._loss(t, x, y), (th,), (tangent,))[1]
 
-            flat = self.flatten(grad(directional)(self.theta))
+            with math_attention():
+                flat = self.flatten(grad(directional)(self.theta))
             total = flat if total is None else total.add_(flat)
         return total
 

@@ -338,3 +338,39 @@ def test_a_once_differentiable_backward_under_another_decorator_is_found():
         WeightHessian(model, CE, [(x, y)], hvp="reverse").matvec(
             torch.randn(15, dtype=torch.float64)
         )
+
+
+class _Attention(nn.Module):
+    """Self-attention, which PyTorch runs with flash attention in float32 on a CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attended, _ = self.mha(x, x, x, need_weights=False)
+        return self.fc(attended.mean(1))
+
+
+@pytest.mark.parametrize("hvp", ["auto", "forward"])
+def test_attention_in_float32_gets_exact_products(hvp):
+    # flash attention has no double backward and no forward-mode rule: the products run
+    # attention on PyTorch's math kernel instead
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6,))
+    reference = WeightHessian(model, CE, [(x, y)], dtype=torch.float64)
+    op = WeightHessian(model, CE, [(x, y)], hvp=hvp)
+    v = torch.randn(op.size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        hv = op.matvec(v)
+    expected = reference.matvec(v.double())
+    assert float((hv.double() - expected).norm() / expected.norm()) < 1e-5
+    if hvp == "auto":
+        assert len(op._graphs) == 1
+        u, rows = torch.randn(6, 5 * 8), torch.arange(6)
+        got = InputHessian(model, CE, x, y).matvec(u, rows).double()
+        want = InputHessian(model, CE, x, y, dtype=torch.float64).matvec(u.double(), rows)
+        assert float((got - want).norm() / want.norm()) < 1e-5
