@@ -282,28 +282,13 @@ class _Doubled(torch.autograd.Function):
         raise NotImplementedError("no second derivative here")
 
 
-class _SquareWithoutDoubleBackward(torch.autograd.Function):
+class _SquareWithoutDoubleBackward(_SquareWithJvp):
     """x * x whose backward cannot be differentiated, found only when a product runs it."""
-
-    @staticmethod
-    def forward(x):
-        return x * x
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        (x,) = inputs
-        ctx.save_for_backward(x)
-        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return _Doubled.apply(g, x)
-
-    @staticmethod
-    def jvp(ctx, t):
-        (x,) = ctx.saved_tensors
-        return 2 * x * t
 
 
 def test_a_double_backward_failing_at_the_first_product_falls_back_to_forward_mode():

@@ -112,6 +112,12 @@ def _dense_input_hessians(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     )
 
 
+def _assert_dense_products(hv: torch.Tensor, model: nn.Module, x, y, v: torch.Tensor) -> None:
+    """``hv`` is every sample's dense input Hessian applied to its row of ``v``."""
+    want = torch.einsum("bij,bj->bi", _dense_input_hessians(model, x, y), v)
+    torch.testing.assert_close(hv, want, rtol=1e-10, atol=1e-12)
+
+
 def _counting_builds(op) -> list[int]:
     builds = [0]
     build = op._build
@@ -164,24 +170,14 @@ def test_changed_weights_rebuild_the_kept_graph():
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)  # an optimiser step: in place
-    torch.testing.assert_close(
-        op.matvec(v, rows),
-        torch.einsum("bij,bj->bi", _dense_input_hessians(model, x, y), v),
-        rtol=1e-10,
-        atol=1e-12,
-    )
+    _assert_dense_products(op.matvec(v, rows), model, x, y, v)
     assert builds[0] == 2
     op.release()
     op.matvec(v, rows)
     assert builds[0] == 3
     for p in model.parameters():
         p.data = p.data * 0.5  # an old-style update: new storage, no version change
-    torch.testing.assert_close(
-        op.matvec(v, rows),
-        torch.einsum("bij,bj->bi", _dense_input_hessians(model, x, y), v),
-        rtol=1e-10,
-        atol=1e-12,
-    )
+    _assert_dense_products(op.matvec(v, rows), model, x, y, v)
     assert builds[0] == 4
 
 
@@ -190,9 +186,4 @@ def test_a_buffer_without_storage_is_no_obstacle():
     model.register_buffer("adjacency", torch.eye(3, dtype=torch.float64).to_sparse())
     x, y = make_data(4, (6,))
     v = torch.ones(4, 6, dtype=torch.float64)
-    torch.testing.assert_close(
-        InputHessian(model, CE, x, y).matvec(v, torch.arange(4)),
-        torch.einsum("bij,bj->bi", _dense_input_hessians(model, x, y), v),
-        rtol=1e-10,
-        atol=1e-12,
-    )
+    _assert_dense_products(InputHessian(model, CE, x, y).matvec(v, torch.arange(4)), model, x, y, v)
