@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 
 from analysis.hessian import WeightHessian, input_hessian_spectrum, inputs, lanczos, leangraph
 from benchmarks import hessian_peers as peers
 from benchmarks.hessian_setups import make_setting
+from benchmarks.measure import timed
 
 N_INPUT = 1000
 PRODUCT_ROWS = 512
@@ -45,28 +44,13 @@ def _use(name: str) -> None:
     leangraph.MIN_ELEMENTS, leangraph.MIN_ELEMENTS_GPU, inputs.InputHessian._loss = VARIANTS[name]
 
 
-def _timer(device: str) -> Callable[[Callable[[], object]], tuple[float, object]]:
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def timed(fn: Callable[[], object]) -> tuple[float, object]:
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        return time.perf_counter() - t0, out
-
-    return timed
-
-
 def compare(setting: str, device: str, repeats: int) -> None:
     """Print the four timings of every variant on one setting, and the eigenvalue gaps."""
     s = make_setting(setting, device=device)
     x, y = s.x[:N_INPUT], s.y[:N_INPUT]
     k = 1 if setting == "digits" else 10
     rows = torch.arange(PRODUCT_ROWS)
-    timed = _timer(device)
+    cuda = device == "cuda"
 
     def inp() -> torch.Tensor:
         return input_hessian_spectrum(s.model, peers.CE, x, y, k=1, tol=1e-4).eigenvalues
@@ -98,10 +82,10 @@ def compare(setting: str, device: str, repeats: int) -> None:
         for name in VARIANTS:
             _use(name)
             for task, fn in tasks.items():
-                seconds, out = timed(lambda: fn(name))  # noqa: B023 (called at once)
+                run = timed(lambda: fn(name), track_memory=False, cuda=cuda)  # noqa: B023
                 if rep:
-                    times[(task, name)].append(seconds)
-                    values[(task, name)] = out
+                    times[(task, name)].append(run.wall)
+                    values[(task, name)] = run.value
     gpu = torch.cuda.get_device_name() if device == "cuda" else "one thread"
     print(f"== {setting} on {device} ({gpu}): ms, median / min of {repeats}")
     for (task, name), ts in times.items():

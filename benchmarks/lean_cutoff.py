@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -21,6 +20,7 @@ from torch import nn
 from analysis.hessian import WeightHessian, leangraph
 from analysis.hessian.inputs import InputHessian
 from benchmarks.hessian_setups import make_setting
+from benchmarks.measure import timed
 from trainables.models import build_model
 
 CE = nn.CrossEntropyLoss()
@@ -49,10 +49,6 @@ def compare(name: str, device: str, repeats: int) -> None:
     model, batches, x, y = _case(name, device)
     rows = torch.arange(len(x))
 
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     weight_ops, input_ops = {}, {}
     for cut, value in CUTOFFS.items():  # graphs are kept at the first product: under value
         leangraph.MIN_ELEMENTS = leangraph.MIN_ELEMENTS_GPU = value
@@ -70,11 +66,8 @@ def compare(name: str, device: str, repeats: int) -> None:
                 ("weight", lambda: weight_ops[cut].matvec(v)),  # noqa: B023 (called at once)
                 ("input", lambda: input_ops[cut].matvec(iv, rows)),  # noqa: B023
             ):
-                sync()
-                t0 = time.perf_counter()
-                product()
-                sync()
-                times[(kind, cut)].append(time.perf_counter() - t0)
+                run = timed(product, track_memory=False, cuda=device == "cuda")
+                times[(kind, cut)].append(run.wall)
     ref = weight_ops["off"].matvec(v)
     gaps = {cut: float((op.matvec(v) - ref).norm() / ref.norm()) for cut, op in weight_ops.items()}
     for kind in ("weight", "input"):

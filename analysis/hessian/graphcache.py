@@ -32,7 +32,8 @@ def default_cache_bytes(device: torch.device) -> int:
     return int(min(CPU_FRACTION * total, CPU_CAP))
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+def storage_key(t: torch.Tensor) -> tuple[int, int]:
+    """Where ``t``'s storage lives and its size (its id for a tensor without storage)."""
     try:
         s = t.untyped_storage()
         return s.data_ptr(), s.nbytes()
@@ -51,7 +52,7 @@ def counting_saved_bytes() -> Iterator[list[int]]:
     total = [0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr, nbytes = _storage_key(t)
+        ptr, nbytes = storage_key(t)
         if ptr not in seen:
             seen.add(ptr)
             total[0] += nbytes

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from analysis.hessian.graphcache import check_twice_differentiable
+from analysis.hessian.graphcache import check_twice_differentiable, storage_key
 from analysis.hessian.lanczos import WHICH, ConvergenceWarning, batched_lanczos
 from analysis.hessian.leangraph import lean_graph
 from analysis.hessian.modelutil import (
@@ -115,7 +115,7 @@ class InputHessian:
         return list(itertools.chain(self.model.parameters(), self.model.buffers()))
 
     def _weights(self) -> tuple[tuple[int, int, int], ...]:
-        return tuple((id(t), t._version, _storage_address(t)) for t in self._tensors())
+        return tuple((id(t), t._version, storage_key(t)[0]) for t in self._tensors())
 
     def _kept_for(self, rows: torch.Tensor) -> tuple[_KeptGraph, torch.Tensor | None]:
         """The kept graph if it covers ``rows`` (unique, on the CPU) at the current weights,
@@ -144,14 +144,6 @@ class InputHessian:
             (g,) = torch.autograd.grad(loss, z, create_graph=True)
         check_twice_differentiable((g,), loss)
         return z, g
-
-
-def _storage_address(t: torch.Tensor) -> int:
-    """Where ``t``'s data lives (0 for a tensor without storage: sparse, or a wrapper)."""
-    try:
-        return t.data_ptr()
-    except RuntimeError:
-        return 0
 
 
 def input_hessian_spectrum(

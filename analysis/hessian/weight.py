@@ -192,8 +192,7 @@ class WeightHessian:
         except (RuntimeError, NotImplementedError) as err:
             if self.hvp_mode == "reverse" or _out_of_memory(err):
                 raise
-            self.release()
-            self._graphs = []
+            self._graphs, self._leaves, self.cached_bytes = [], [], 0  # given up for good
             _slower(f"no gradient graph can be kept ({type(err).__name__}: {err})", self.hvp_mode)
             return None
 
