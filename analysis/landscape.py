@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from analysis.hessian import LinearOperator, WeightHessian, lanczos
-from analysis.hessian.modelutil import LossFn, cast_batch, eval_mode, mean_loss, select_params
+from analysis.hessian.modelutil import (
+    LossFn,
+    cast_batch,
+    eval_mode,
+    mean_loss,
+    select_params,
+    summed_terms,
+    weight_total,
+)
 
 LossAt = Callable[[nn.Module], float]
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -68,6 +76,7 @@ def full_loss(loss_fn: LossFn, data: Batches) -> LossAt:
     total = sum(int(x.shape[0]) for x, _ in batches)
     if total == 0:
         raise ValueError("data is empty: the mean training loss needs at least one sample")
+    weights = weight_total(loss_fn, (y for _, y in batches))  # a class-weighted mean's
 
     def loss_at(model: nn.Module) -> float:
         first = next(model.parameters())
@@ -75,8 +84,11 @@ def full_loss(loss_fn: LossFn, data: Batches) -> LossAt:
         with eval_mode(model), torch.no_grad():
             for x, y in batches:
                 x, y = cast_batch(x, y, first.dtype, first.device)
-                acc += float(mean_loss(loss_fn, model(x), y)) * int(x.shape[0])
-        return acc / total
+                if weights is not None:
+                    acc += float(summed_terms(loss_fn, model(x), y))
+                else:
+                    acc += float(mean_loss(loss_fn, model(x), y)) * int(x.shape[0])
+        return acc / (total if weights is None else weights)
 
     return loss_at
 

@@ -98,6 +98,10 @@ def slq_density(
     weights = torch.zeros(n_probes, steps, dtype=torch.float64)
     n_matvecs = 0
     reused = _reused_rule(op, reuse, steps)
+    if reused is not None:
+        # the reused run started from its seed's first draw: with the same seed here, the
+        # second probe would repeat it, so that draw is skipped
+        random_unit_rows(gen, 1, int(op.size), torch.float64, torch.device("cpu"))
     for p in range(n_probes):
         if p == 0 and reused is not None:
             theta, w, m = reused

@@ -42,6 +42,8 @@ class LanczosOutcome:
     n_iterations: int
     true_residuals: torch.Tensor | None = None
     krylov: list[tuple[torch.Tensor, torch.Tensor, bool]] | None = None
+    # rows whose estimates met the rule but whose true residuals (keep_products) did not
+    rounding_limited: torch.Tensor | None = None
 
 
 def random_unit_rows(
@@ -204,9 +206,18 @@ def batched_lanczos(
         raise ValueError(f"k must be >= 1, got {k}")
     if k > d:
         raise ValueError(f"k={k} exceeds the operator size {d}; ask for at most {d} eigenvalues")
-    m_max = min(d, max_iter if max_iter is not None else max(30 * k, 300))
-    if m_max < k:
-        raise ValueError(f"max_iter={max_iter} is smaller than k={k}")
+    if which == "both" and 2 * k > d:
+        raise ValueError(
+            f"which='both' with k={k} asks for {2 * k} eigenvalues but the operator has {d}: "
+            f"ask for k <= {d // 2} per end, or which='largest' with k={d} for all of them"
+        )
+    kk = len(_wanted_columns(d, k, which))
+    m_max = min(d, max_iter if max_iter is not None else max(30 * kk, 300))
+    if m_max < kk:
+        raise ValueError(
+            f"max_iter={max_iter} is smaller than the {kk} eigenvalues asked for; "
+            f"give max_iter >= {kk}"
+        )
     if min_iter >= m_max and m_max < d:
         # forcing every step up to the budget would judge convergence only at its last
         # step (a Ritz value then still settling reads as a failure): the floor is dropped
@@ -217,7 +228,6 @@ def batched_lanczos(
     # restarting) changes no wanted Ritz value by more than a hundredth of the tolerance.
     breakdown_tol = max(1e-2 * tol, 100 * torch.finfo(dtype).eps)
     gen = torch.Generator().manual_seed(seed)
-    kk = len(_wanted_columns(d, k, which))
 
     rows = torch.arange(b)
     # With many rows (per-sample input Hessians) or a large model the basis is the largest
@@ -236,6 +246,7 @@ def batched_lanczos(
     out_conv = torch.zeros(b, dtype=torch.bool)
     out_vecs = torch.zeros(b, kk, d, dtype=dtype, device=device) if return_vectors else None
     out_true = torch.zeros(b, kk, dtype=torch.float64) if keep_products else None
+    out_limited = torch.zeros(b, dtype=torch.bool)
     n_matvecs = 0
     j = 0
     for j in range(m_max):
@@ -289,7 +300,16 @@ def batched_lanczos(
                 # precision (the result's size is the largest temporary here).
                 resid = products.combine(s, f).to(work)
                 basis.combine(-s * theta[f][:, None, sel], f, out=resid)
-                out_true[orig] = resid.norm(dim=2).double().cpu()
+                true = resid.norm(dim=2).double().cpu()
+                out_true[orig] = true
+                # The rule was met on the recurrence's residual estimates, which can fall
+                # below the rounding of the products themselves (a float32 operator asked
+                # for tol=1e-8): the true residuals must meet it too, within a factor 2.
+                held = _true_rule_holds(
+                    theta[f], ritz_res[f], cols, true.flip(1), tol, scale[f], criterion
+                )
+                out_limited[orig] = done[f] & ~held
+                out_conv[orig] = done[f] & held
         if last or bool(finish.all()):
             break
 
@@ -324,7 +344,29 @@ def batched_lanczos(
         n_iterations=j + 1,
         true_residuals=out_true,
         krylov=out_krylov,
+        rounding_limited=out_limited,
     )
+
+
+def _true_rule_holds(
+    theta: torch.Tensor,
+    ritz_res: torch.Tensor,
+    cols: torch.Tensor,
+    true: torch.Tensor,
+    tol: float,
+    scale: torch.Tensor,
+    criterion: str,
+) -> torch.Tensor:
+    """Whether each row's stopping rule still holds with its true residuals (``true`` in
+    the order of ``cols``) in place of the estimates, allowing a factor 2 on residuals.
+    (The eigenvalue error estimates still assume exact products.)"""
+    if criterion == "residual":
+        return (true <= 2 * tol * scale[:, None]).all(dim=1)
+    res = ritz_res.clone()
+    res[:, cols] = torch.maximum(res[:, cols], true / 2)
+    bound = eigenvalue_error_bounds(theta, res, cols)
+    allowed = tol * torch.maximum(theta[:, cols].abs(), 1e-2 * scale[:, None])
+    return (bound <= allowed).all(dim=1)
 
 
 def bnorm_safe(w: torch.Tensor) -> torch.Tensor:
@@ -358,8 +400,12 @@ def lanczos(
     Ritz residuals (``tol`` relative to the operator norm estimate); ``criterion=
     "eigenvalue"`` stops once each eigenvalue's estimated relative error is below ``tol``
     (fewer products when the eigenvectors matter less). The returned residuals are the true
-    ``||A x - lambda x||``, from the kept products (no extra product); a run that hit
-    ``max_iter`` warns and says so. ``min_iter`` runs at least that many steps, so that
+    ``||A x - lambda x||``, from the kept products (no extra product), and the rule must
+    hold on them too (within a factor 2): a float32 operator asked for residuals below its
+    own rounding says so instead of passing on its estimates. (The eigenvalue criterion's
+    error estimates assume exact products: below a float32 operator's rounding, about
+    1e-7 relative, use a float64 one.) A run that hit ``max_iter``
+    warns and says so. ``min_iter`` runs at least that many steps, so that
     ``slq_density(reuse=result)`` can take the run as a probe of that many steps.
     """
     check_operator(op)
@@ -383,7 +429,16 @@ def lanczos(
     vectors = out.eigenvectors[0]
     residuals = out.true_residuals[0]
     converged = bool(out.converged[0])
-    if not converged:
+    if not converged and bool(out.rounding_limited[0]):
+        warnings.warn(
+            f"lanczos: the Ritz estimates met tol {tol:g} but the true residuals "
+            f"(largest {float(residuals.max()):.3g}) do not: the {op.dtype} products round "
+            "above that tolerance. Use a float64 operator (dtype=torch.float64) or raise tol. "
+            "The result is marked converged=False.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    elif not converged:
         what = "Ritz residuals" if criterion == "residual" else "eigenvalue error estimates"
         warnings.warn(
             f"lanczos did not converge in {out.n_iterations} iterations "

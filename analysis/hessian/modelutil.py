@@ -117,9 +117,68 @@ def mean_loss(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> to
     return loss
 
 
+def sample_weights(loss_fn: LossFn, target: torch.Tensor) -> torch.Tensor | None:
+    """Each target's weight in ``loss_fn``'s mean where that mean is a weighted one, else None.
+
+    A ``CrossEntropyLoss`` or ``NLLLoss`` on class indices with class weights or ignored
+    targets divides by the sum of its targets' weights (0 for ignored ones), not by their
+    count: batch means of it cannot be combined by batch size.
+    """
+    weighted = isinstance(loss_fn, nn.CrossEntropyLoss | nn.NLLLoss)
+    if not weighted or loss_fn.reduction != "mean" or target.is_floating_point():
+        return None
+    ignored = target == loss_fn.ignore_index
+    if loss_fn.weight is None and not bool(ignored.any()):
+        return None
+    if loss_fn.weight is None:
+        w = torch.ones(target.shape, dtype=torch.float64, device=target.device)
+    else:
+        w = loss_fn.weight.detach().double().to(target.device)[target.masked_fill(ignored, 0)]
+    return w.masked_fill(ignored, 0.0)
+
+
+def weight_total(loss_fn: LossFn, targets: Iterable[torch.Tensor]) -> float | None:
+    """The sum of every target's weight where ``loss_fn``'s mean is a weighted one (see
+    ``sample_weights``), else None; a zero sum (every target ignored) is refused."""
+    targets = list(targets)
+    parts = [sample_weights(loss_fn, t) for t in targets]
+    if all(p is None for p in parts):
+        return None
+    total = sum(
+        float(p.sum()) if p is not None else t.numel() for p, t in zip(parts, targets, strict=True)
+    )
+    if total <= 0:
+        raise ValueError(
+            "every target is ignored (ignore_index) or of a class with weight 0: the mean "
+            "loss is 0/0; give data with at least one counted target"
+        )
+    return total
+
+
+def summed_terms(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``loss_fn`` with ``reduction="sum"``: the numerator of its weighted mean."""
+    as_sum = copy.copy(loss_fn)
+    as_sum.reduction = "sum"
+    return as_sum(output, target)
+
+
 def summed_loss(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The sum of per-sample losses: its input Hessian is block-diagonal over samples."""
-    return mean_loss(loss_fn, output, target) * output.shape[0]
+    """The sum over samples of each sample's own loss (``loss_fn`` of that sample alone):
+    its input Hessian is block-diagonal over samples."""
+    weights = sample_weights(loss_fn, target)
+    if weights is None:
+        return mean_loss(loss_fn, output, target) * output.shape[0]
+    per_sample = weights.reshape(len(target), -1).sum(dim=1)
+    if bool((per_sample == 0).any()):
+        bad = (per_sample == 0).nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"samples {bad[:5]} have only ignored targets (ignore_index) or targets of a class "
+            "with weight 0: their own loss is 0/0; leave them out"
+        )
+    as_none = copy.copy(loss_fn)
+    as_none.reduction = "none"
+    terms = as_none(output, target).reshape(len(target), -1).sum(dim=1)
+    return (terms / per_sample.to(terms.dtype)).sum()
 
 
 def select_params(
@@ -147,6 +206,13 @@ def select_params(
         if stray:
             raise ValueError(f"params[{stray[0]}] is not a parameter of the model")
         names = [by_id[id(p)] for p in given]
+    repeated = [n for i, n in enumerate(names) if n in names[:i]]
+    if repeated:
+        first = names.index(repeated[0])
+        raise ValueError(
+            f"params[{names.index(repeated[0], first + 1)}] repeats params[{first}] "
+            f"({repeated[0]!r}): give each parameter once"
+        )
     if not names:
         raise ValueError("params is empty: give at least one parameter to differentiate")
     return names

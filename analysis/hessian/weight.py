@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -24,6 +24,8 @@ from analysis.hessian.modelutil import (
     exact_float32,
     mean_loss,
     select_params,
+    summed_terms,
+    weight_total,
     working_model,
 )
 
@@ -81,6 +83,12 @@ class WeightHessian:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if cache_bytes is not None and cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0 (0 turns caching off), got {cache_bytes}")
+        if isinstance(data, Iterator) and (not cache_data or check_determinism):
+            raise ValueError(
+                f"data is a one-shot iterator ({type(data).__name__}), but "
+                f"{'cache_data=False' if not cache_data else 'check_determinism=True'} reads "
+                "it again: pass a list of batches or a DataLoader, which can be read twice"
+            )
         self.names = select_params(model, params)
         self.model = working_model(model, dtype, device)
         self.loss_fn = loss_fn
@@ -98,6 +106,9 @@ class WeightHessian:
         self.cache_data = cache_data
         self.chunks = self._read_data(chunk_size)
         self.num_samples = sum(int(x.shape[0]) for x, _ in self.chunks)
+        # a class-weighted mean (or one with ignored targets) over all the data divides by
+        # the data's total weight: each chunk then adds its summed terms over that total
+        self.weight_total = weight_total(loss_fn, (y for _, y in self.chunks))
         if not cache_data:
             self.chunks = []
         self.cache_bytes = default_cache_bytes(self.device) if cache_bytes is None else cache_bytes
@@ -117,6 +128,12 @@ class WeightHessian:
                     f"data batch {i} is not an (x, y) pair: got {type(batch).__name__}"
                 )
             x, y = batch[0], batch[1]
+            if x.dim() == 0 or y.dim() == 0:
+                raise ValueError(
+                    f"data batch {i} holds a single sample without a batch dimension (x "
+                    f"{tuple(x.shape)}, y {tuple(y.shape)}): give batches of shape (n, ...), "
+                    "e.g. wrap a Dataset in a DataLoader"
+                )
             if x.shape[0] != y.shape[0]:
                 raise ValueError(
                     f"data batch {i}: x has {x.shape[0]} samples but y has {y.shape[0]}"
@@ -146,12 +163,27 @@ class WeightHessian:
     def _batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         if self.cache_data:
             return self.chunks
-        return (cast_batch(b[0], b[1], self.dtype, self.device) for b in self.data)
+        return self._fresh_pass()
+
+    def _fresh_pass(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``data`` read again, checked to hold the samples counted at first."""
+        seen = 0
+        for b in self.data:
+            seen += int(b[0].shape[0])
+            yield cast_batch(b[0], b[1], self.dtype, self.device)
+        if seen != self.num_samples:
+            raise ValueError(
+                f"data gave {seen} samples on this pass but {self.num_samples} when the "
+                "operator was built: the Hessian needs the same data on every pass (a fixed "
+                "dataset; no sampler or drop_last that changes the count), or cache_data=True"
+            )
 
     def _loss(
         self, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         out = functional_call(self.model, {**self.fixed, **theta}, (x,))
+        if self.weight_total is not None:
+            return summed_terms(self.loss_fn, out, y) / self.weight_total
         return mean_loss(self.loss_fn, out, y) * (x.shape[0] / self.num_samples)
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -341,8 +373,7 @@ class WeightHessian:
         rtol = 1e-4 if low_precision else 1e-9
         passes = []
         for _ in range(2):
-            fresh = (cast_batch(b[0], b[1], self.dtype, self.device) for b in self.data)
-            passes.append(self.loss_and_gradient(fresh))
+            passes.append(self.loss_and_gradient(self._fresh_pass()))
         (l1, g1), (l2, g2) = passes
         gdiff = float((g1 - g2).norm() / g1.norm().clamp_min(1e-30))
         ldiff = abs(l1 - l2) / max(abs(l1), 1e-30)

@@ -84,6 +84,19 @@ def test_2d_landscape_matches_the_closed_form(quadratic):
     np.testing.assert_allclose(land.losses, expected, rtol=1e-8)
 
 
+def test_the_full_loss_of_a_class_weighted_mean_is_the_whole_datas():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=gen)
+    y[::4] = -100
+    model = nn.Linear(4, 3).double()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64))
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+    with torch.no_grad():
+        whole = float(loss_fn(model(x), y))
+    assert full_loss(loss_fn, batches)(model) == pytest.approx(whole, rel=1e-12)
+
+
 def test_given_direction_and_loss_function_are_used_as_is(quadratic):
     model, data, hess, grad, loss0 = quadratic
     calls = []

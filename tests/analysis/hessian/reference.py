@@ -60,8 +60,11 @@ def make_data(n: int, shape: tuple[int, ...], classes: int = 3, seed: int = 1):
     return x, y
 
 
-def dense_weight_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The reference: torch.func.hessian of the mean cross-entropy over all of (x, y)."""
+def dense_weight_hessian(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module | None = None
+) -> torch.Tensor:
+    """The reference: torch.func.hessian of the loss (mean cross-entropy) over all of (x, y)."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
     shapes = [params[n].shape for n in names]
@@ -75,7 +78,7 @@ def dense_weight_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
         parts = flat.split(sizes)
         theta = {n: p.view(s) for n, p, s in zip(names, parts, shapes, strict=True)}
         out = functional_call(model, {**params, **buffers, **theta}, (x,))
-        return nn.functional.cross_entropy(out, y)
+        return loss_fn(out, y)
 
     h = torch.func.hessian(loss)(flat0)
     model.train(was_training)

@@ -17,12 +17,14 @@ from tests.analysis.hessian.reference import make_cnn, make_data, make_mlp
 CE = nn.CrossEntropyLoss()
 
 
-def dense_input_spectra(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def dense_input_spectra(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module = CE
+) -> torch.Tensor:
     """Ascending eigenvalues of each sample's own input Hessian, by torch.func.hessian."""
     model.eval()
     out = []
     for xi, yi in zip(x, y, strict=True):
-        h = torch.func.hessian(lambda z, yi=yi: CE(model(z[None]), yi[None]))(xi)
+        h = torch.func.hessian(lambda z, yi=yi: loss_fn(model(z[None]), yi[None]))(xi)
         d = xi.numel()
         out.append(torch.linalg.eigvalsh(h.reshape(d, d)))
     return torch.stack(out)
@@ -55,6 +57,19 @@ def test_cnn_with_batchnorm_and_batching_does_not_change_answers():
     torch.testing.assert_close(together.eigenvalues[:, 0], exact[:, -1], rtol=1e-7, atol=1e-10)
     one_by_one = input_hessian_spectrum(model, CE, x, y, k=1, tol=1e-10, batch_size=1)
     torch.testing.assert_close(one_by_one.eigenvalues, together.eigenvalues, rtol=1e-7, atol=1e-10)
+
+
+def test_a_class_weighted_loss_gives_each_sample_own_loss_hessian():
+    model = make_mlp(act=nn.Tanh)
+    x, y = make_data(12, (6,))
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0, 10.0], dtype=torch.float64))
+    exact = dense_input_spectra(model, x, y, weighted)  # the weight cancels in one sample's mean
+    got = input_hessian_eigenvalues(model, weighted, x, y, k=1, tol=1e-10)
+    torch.testing.assert_close(got[:, 0], exact[:, -1], rtol=1e-7, atol=1e-10)
+    y = y.clone()
+    y[3] = -100
+    with pytest.raises(ValueError, match=r"samples \[3\] have only ignored targets"):
+        input_hessian_eigenvalues(model, CE, x, y, k=1)
 
 
 def test_relu_softmax_input_hessians_are_positive_semidefinite():

@@ -14,10 +14,19 @@ from analysis.hessian import (
     lanczos,
     power_iteration,
 )
-from analysis.hessian.lanczos import CRITERIA, eigenvalue_error_bounds
+from analysis.hessian.lanczos import CRITERIA, batched_lanczos, eigenvalue_error_bounds
+from analysis.hessian.protocol import SingleAsBatch
 from tests.analysis.hessian.reference import DenseOperator, matrix_with_spectrum
 
 CE = nn.CrossEntropyLoss()
+
+
+def lanczos_both(op: DenseOperator, k: int, **kwargs) -> torch.Tensor:
+    """``which="both"`` through the batched solver (the single-operator form has no "both")."""
+    batched = SingleAsBatch(op)
+    batched.device = op.device
+    out = batched_lanczos(batched, k, which="both", tol=1e-10, **kwargs)
+    return out.eigenvalues[0]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,6 +93,53 @@ def test_non_convergence_is_reported_not_hidden():
     with pytest.warns(ConvergenceWarning):
         res = power_iteration(op, k=1, tol=1e-9, max_iter=5)
     assert not res.converged
+
+
+def test_a_tolerance_below_float32_rounding_is_not_reported_as_met():
+    values = torch.cat([torch.tensor([9.0, 6.0, 4.0]), torch.linspace(-1, 1, 60)])
+    op32 = DenseOperator(matrix_with_spectrum(values, seed=2).float())
+    # the recurrence's estimates fall below 1e-9 while float32 products cannot
+    with pytest.warns(ConvergenceWarning, match="true residuals .* do not"):
+        res = lanczos(op32, k=2, tol=1e-9)
+    assert not res.converged and float(res.residuals.max()) > 2e-9 * 9.0
+    assert lanczos(op32, k=2, tol=1e-5).converged  # above the rounding: met
+    op64 = DenseOperator(op32.matrix.double())
+    assert lanczos(op64, k=2, tol=1e-9).converged
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_power_iteration_is_converged_only_where_its_true_residuals_meet_the_rule(seed):
+    # close eigenvalues: each deflated vector carries the earlier pairs' errors, which the
+    # final rotation among the found vectors must take out before the rule is judged
+    values = torch.cat([torch.tensor([9.0, 8.5, 8.0]), torch.linspace(-1, 1, 60)])
+    op = DenseOperator(matrix_with_spectrum(values, seed=2))
+    res = power_iteration(op, k=3, tol=1e-3, seed=seed)
+    assert res.converged
+    assert bool((res.residuals <= 1e-3 * res.eigenvalues.abs()).all())
+    assert _rel(res.eigenvalues, values[:3].double()) < 1e-4
+    true = torch.stack(
+        [
+            (op.matrix @ v - lam * v).norm()
+            for v, lam in zip(res.eigenvectors, res.eigenvalues, strict=True)
+        ]
+    )
+    torch.testing.assert_close(true, res.residuals, rtol=1e-6, atol=1e-12)
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        rough = power_iteration(op, k=3, tol=1e-3, seed=seed, max_iter=3)
+    assert not rough.converged
+
+
+def test_both_ends_need_room_for_2k_values_and_a_budget_of_2k_steps():
+    op = DenseOperator(matrix_with_spectrum(torch.linspace(-1, 1, 5)))
+    lo_hi = lanczos_both(op, k=2)
+    torch.testing.assert_close(
+        lo_hi, torch.tensor([1.0, 0.5, -0.5, -1.0], dtype=torch.float64), rtol=0, atol=1e-9
+    )
+    with pytest.raises(ValueError, match="which='both' with k=3 asks for 6 eigenvalues"):
+        lanczos_both(op, k=3)
+    big = DenseOperator(matrix_with_spectrum(torch.linspace(-1, 1, 40)))
+    with pytest.raises(ValueError, match="max_iter=5 is smaller than the 6 eigenvalues"):
+        lanczos_both(big, k=3, max_iter=5)
 
 
 def test_invariant_subspaces_restart_to_find_repeated_eigenvalues():

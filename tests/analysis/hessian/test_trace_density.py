@@ -120,6 +120,15 @@ def test_a_lanczos_run_is_reused_as_the_same_quadrature_probe():
         slq_density(op, steps=30, reuse=lanczos(other, k=1, min_iter=30))
 
 
+def test_a_reused_run_is_not_repeated_by_the_next_probe_of_the_same_seed():
+    op = DenseOperator(matrix_with_spectrum(torch.linspace(-2, 6, 120), seed=3))
+    top = lanczos(op, k=2, tol=1e-3, seed=7, min_iter=30)
+    res = slq_density(op, n_probes=3, steps=30, seed=7, reuse=top)
+    # three different probes: no two quadrature rules alike
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert (res.nodes[a] - res.nodes[b]).abs().max() > 1e-3
+
+
 def test_a_step_floor_at_the_whole_budget_is_dropped_not_turned_into_a_failure():
     spectrum = torch.cat([torch.full((5,), 2.0), torch.linspace(-1, 1, 115)])
     op = DenseOperator(matrix_with_spectrum(spectrum.double(), seed=2))

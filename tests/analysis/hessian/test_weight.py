@@ -145,6 +145,61 @@ def test_clear_errors():
         WeightHessian(model, CE, [(x, y)], hvp="finite-difference")
     with pytest.raises(ValueError, match="cache_bytes must be >= 0"):
         WeightHessian(model, CE, [(x, y)], cache_bytes=-1)
+    with pytest.raises(ValueError, match=r"without a batch dimension .* DataLoader"):
+        WeightHessian(model, CE, list(TensorDataset(x, y)))  # samples, not batches
+    weight = model[0].weight
+    with pytest.raises(ValueError, match=r"params\[1\] repeats params\[0\] \('0.weight'\)"):
+        WeightHessian(model, CE, [(x, y)], params=[weight, weight])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4, 7])
+def test_a_class_weighted_mean_is_the_whole_datas_whatever_the_chunks(mlp_problem, chunk_size):
+    model, x, y, _ = mlp_problem
+    y = y.clone()
+    y[::5] = -100  # ignored targets
+    v = _random_vectors(sum(p.numel() for p in model.parameters()), 2)
+    for loss_fn in (
+        nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0, 10.0], dtype=torch.float64)),
+        nn.CrossEntropyLoss(),
+    ):
+        dense = dense_weight_hessian(model, x, y, loss_fn)
+        for cache in (True, False):
+            batches = [(x[:13], y[:13]), (x[13:], y[13:])]
+            op = WeightHessian(model, loss_fn, batches, chunk_size=chunk_size, cache_data=cache)
+            for u in v:
+                torch.testing.assert_close(op.matvec(u), dense @ u, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="every target is ignored"):
+        WeightHessian(model, CE, [(x, torch.full_like(y, -100))])
+
+
+def _batches_of(x: torch.Tensor, y: torch.Tensor):
+    for i in range(0, len(x), 4):
+        yield x[i : i + 4], y[i : i + 4]
+
+
+class _Shrinking:
+    """Re-iterable data whose second pass drops the last batch."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.passes = x, y, 0
+
+    def __iter__(self):
+        self.passes += 1
+        stop = len(self.x) if self.passes == 1 else len(self.x) - 4
+        return _batches_of(self.x[:stop], self.y[:stop])
+
+
+def test_data_read_on_every_product_must_be_readable_again_and_the_same(mlp_problem):
+    model, x, y, dense = mlp_problem
+    v = _random_vectors(dense.shape[0], 1)[0]
+    for kwargs in ({"cache_data": False}, {"check_determinism": True}):
+        with pytest.raises(ValueError, match=r"one-shot iterator .* DataLoader"):
+            WeightHessian(model, CE, _batches_of(x, y), **kwargs)
+    cached = WeightHessian(model, CE, _batches_of(x, y))  # read once: a generator will do
+    torch.testing.assert_close(cached.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+    op = WeightHessian(model, CE, _Shrinking(x, y), cache_data=False)
+    with pytest.raises(ValueError, match=f"gave {len(x) - 4} samples on this pass but {len(x)}"):
+        op.matvec(v)
 
 
 def _saved_bytes_of_one_chunk(model, x, y) -> int:
