@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,8 +19,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictFloat,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -77,6 +81,9 @@ def search_values(dist: dict[str, list[Any]]) -> list[Any]:
 
 
 class _Strict(BaseModel):
+    """Unknown keys are errors; numbers and booleans use the Strict* types (no true -> 1,
+    no "yes" -> true, no "5" -> 5), while YAML integers still fill float fields."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -84,16 +91,20 @@ class RobustSetting(_Strict):
     """One robust-training setting of the sweep (``none`` is plain training)."""
 
     method: Literal["none", "fgsm", "pgd"] = "none"
-    epsilon: float = Field(0.0, ge=0.0, le=1.0)
-    steps: int = Field(10, ge=1)
-    step_size: float | None = Field(None, gt=0.0)
-    adv_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    epsilon: StrictFloat = Field(0.0, ge=0.0, le=1.0, validate_default=True)
+    steps: StrictInt = Field(10, ge=1)
+    step_size: StrictFloat | None = Field(None, gt=0.0)
+    adv_fraction: StrictFloat = Field(1.0, gt=0.0, le=1.0)
 
-    @model_validator(mode="after")
-    def _needs_epsilon(self) -> RobustSetting:
-        if self.method != "none" and self.epsilon <= 0:
-            raise ValueError(f"robust method {self.method!r} needs epsilon > 0")
-        return self
+    @field_validator("epsilon")
+    @classmethod
+    def _needs_epsilon(cls, epsilon: float, info: ValidationInfo) -> float:
+        """An attack with no budget is plain training; checked on the field (default too)
+        so the error names ``robust.N.epsilon``."""
+        method = info.data.get("method")
+        if method not in (None, "none") and epsilon <= 0:
+            raise ValueError(f"method {method!r} needs epsilon > 0, e.g. epsilon: 0.1")
+        return epsilon
 
     @property
     def label(self) -> str:
@@ -109,11 +120,11 @@ class SearchSpec(_Strict):
     """Tune search spaces for training keys, sampled ``num_samples`` times per grid cell."""
 
     space: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
-    num_samples: int = Field(1, ge=1)
+    num_samples: StrictInt = Field(1, ge=1)
     scheduler: Literal["none", "asha"] = "none"
     metric: TrialMetric = "train/loss"
     mode: Literal["min", "max"] = "min"
-    grace_period: int = Field(1, ge=1)
+    grace_period: StrictInt = Field(1, ge=1)
 
     @field_validator("space")
     @classmethod
@@ -176,33 +187,33 @@ class SelectSpec(_Strict):
 class HessianSpec(_Strict):
     """What the Hessian phase computes for each kept trial, and on how many actors."""
 
-    enabled: bool = True
-    top_k: int = Field(5, ge=1, le=200)
-    tol: float = Field(1e-6, gt=0.0, lt=1.0)
+    enabled: StrictBool = True
+    top_k: StrictInt = Field(5, ge=1, le=200)
+    tol: StrictFloat = Field(1e-6, gt=0.0, lt=1.0)
     criterion: Literal["residual", "eigenvalue"] = "residual"
-    max_iter: int | None = Field(None, ge=1)
-    trace: bool = True
-    trace_rtol: float = Field(0.05, gt=0.0, lt=1.0)
-    trace_max_probes: int = Field(200, ge=10)
-    density: bool = True
+    max_iter: StrictInt | None = Field(None, ge=1)
+    trace: StrictBool = True
+    trace_rtol: StrictFloat = Field(0.05, gt=0.0, lt=1.0)
+    trace_max_probes: StrictInt = Field(200, ge=10)
+    density: StrictBool = True
     # One probe: its broadened density is within 0.001 (L1) of a 4-probe mean on a
     # 550k-parameter CNN (0.004 on a 14k one), and more probes cost `density_steps` each.
-    density_probes: int = Field(1, ge=1)
-    density_steps: int = Field(60, ge=2)
-    input_samples: int = Field(200, ge=0)
-    input_k: int = Field(1, ge=1)
+    density_probes: StrictInt = Field(1, ge=1)
+    density_steps: StrictInt = Field(60, ge=2)
+    input_samples: StrictInt = Field(200, ge=0)
+    input_k: StrictInt = Field(1, ge=1)
     dtype: Literal["float32", "float64"] = "float64"
-    num_actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0.0)
-    gpus_per_actor: float = Field(0.0, ge=0.0)
-    seed: int = Field(0, ge=0)
+    num_actors: StrictInt = Field(1, ge=1)
+    cpus_per_actor: StrictFloat = Field(1.0, gt=0.0)
+    gpus_per_actor: StrictFloat = Field(0.0, ge=0.0)
+    seed: StrictInt = Field(0, ge=0)
 
 
 class Resources(_Strict):
     """Ray resources of one trial (fractional GPUs allowed)."""
 
-    cpus: float = Field(1.0, gt=0.0)
-    gpus: float = Field(0.0, ge=0.0)
+    cpus: StrictFloat = Field(1.0, gt=0.0)
+    gpus: StrictFloat = Field(0.0, ge=0.0)
 
 
 class Experiment(_Strict):
@@ -220,8 +231,8 @@ class Experiment(_Strict):
     select: SelectSpec | None = None
     hessian: HessianSpec = Field(default_factory=HessianSpec)
     resources: Resources = Field(default_factory=Resources)
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    max_failures: int = Field(2, ge=0)
+    max_concurrent_trials: StrictInt | None = Field(None, ge=1)
+    max_failures: StrictInt = Field(2, ge=0)
     storage: str = "runs/ray"
     tracking_uri: str | None = None
     description: str = ""
@@ -279,6 +290,10 @@ class Experiment(_Strict):
     @field_validator("storage")
     @classmethod
     def _storage(cls, storage: str) -> str:
+        if not storage.strip():
+            raise ValueError(
+                "storage: empty; give a folder (default runs/ray), s3://, gs:// or file://"
+            )
         if "://" in storage and not re.match(r"^(s3|gs|file)://", storage):
             raise ValueError(f"storage {storage!r}: use a local path, s3://, gs:// or file://")
         return storage
@@ -360,11 +375,12 @@ class Experiment(_Strict):
         return cells
 
     def _search_variants(self) -> list[dict[str, Any]]:
-        """The first cell with each further value of each search key."""
-        first = self.trial_configs()[0]
+        """Every cell with each further value of each search key: a value can be valid for
+        one cell and not another (``micro_batch_size`` 64 with batch size 16)."""
         space = self.search.space if self.search else {}
         return [
-            {**first, key: value}
+            {**cell, key: value}
+            for cell in self.trial_configs()
             for key, dist in space.items()
             for value in search_values(dist)[1:]
         ]
@@ -376,8 +392,17 @@ class Experiment(_Strict):
 
     @property
     def num_trials(self) -> int:
-        """Trials Tune runs: each cell once per search sample."""
-        return self.num_cells * (self.search.num_samples if self.search else 1)
+        """Trials Tune runs: each cell once per search sample and per combination of the
+        search space's ``grid`` values (Tune repeats every grid in each sample)."""
+        if self.search is None:
+            return self.num_cells
+        grid_sizes = [
+            len(args)
+            for dist in self.search.space.values()
+            for kind, args in dist.items()
+            if kind == "grid"
+        ]
+        return self.num_cells * self.search.num_samples * math.prod(grid_sizes)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Experiment:
@@ -386,7 +411,19 @@ class Experiment(_Strict):
         if not p.is_file():
             raise UserInputError(f"spec file {str(p)!r} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text())
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UserInputError(
+                f"{p}: not UTF-8 text ({err.reason} at byte {err.start}); save the spec as "
+                "UTF-8 (plain YAML)"
+            ) from None
+        except OSError as err:
+            raise UserInputError(
+                f"{p}: cannot read the spec ({err.strerror or err}); check that the file is "
+                "readable by you"
+            ) from None
+        try:
+            raw = load_yaml(text, source=str(p))
         except yaml.YAMLError as err:
             raise UserInputError(f"{p}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
@@ -444,6 +481,40 @@ class Experiment(_Strict):
         """The spec as YAML (round-trips through ``from_yaml``); ``redacted`` masks secrets."""
         data = self.model_dump(mode="json")
         return yaml.safe_dump(redact(data) if redacted else data, sort_keys=False)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the
+    last silently, so a second ``training:`` block would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """The mapping, after checking its own keys (merged ``<<`` keys may be overridden)."""
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base class reports an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {seen[key] + 1}); give each key once",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str = "<string>") -> Any:
+    """YAML text as Python data, refusing duplicate keys; errors point at ``source``."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _curvature_in_last_result(cfg: TrainConfig, every_epoch: bool) -> bool:
@@ -567,7 +638,7 @@ def _error_line(error: Any) -> str:
 def _error_text(error: Any) -> str:
     """A pydantic error's message, without pydantic's prefix and in the spec's words."""
     if error["type"] == "extra_forbidden":
-        return "unknown field; check the spelling (see experiments/demo.yaml for every field)"
+        return "unknown field; check the spelling (experiments/reference.yaml lists every field)"
     return error["msg"].removeprefix("Value error, ")
 
 

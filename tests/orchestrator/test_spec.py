@@ -9,7 +9,20 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.errors import UserInputError
-from orchestrator.spec import EXPERIMENTS_DIR, Experiment, resolve_spec
+from orchestrator.spec import (
+    EXPERIMENTS_DIR,
+    SEARCH_KINDS,
+    TOP_LEVEL_KEYS,
+    Experiment,
+    HessianSpec,
+    Resources,
+    RobustSetting,
+    SearchSpec,
+    SelectSpec,
+    load_yaml,
+    resolve_spec,
+)
+from trainables.config import AttackConfig, ScheduleConfig, TrainConfig
 
 BASE = {"name": "t", "dataset": "digits", "model": "m1", "batch_sizes": [16, 64]}
 CURV = "hessian/eig_1_epoch"
@@ -82,7 +95,11 @@ BAD = [
     ({"robust": []}, "robust"),
     ({"robust": [{"method": "none"}, {"method": "none", "epsilon": 0}]}, "both 'none'"),
     ({"robust": [{"method": "fgsm", "epsilon": -0.1}]}, "greater than or equal to 0"),
-    ({"robust": [{"method": "fgsm"}]}, "needs epsilon > 0"),
+    ({"robust": [{"method": "fgsm"}]}, r"robust\.0\.epsilon: method 'fgsm' needs epsilon > 0"),
+    (
+        {"robust": [{"method": "none"}, {"method": "pgd", "epsilon": 0}]},
+        r"robust\.1\.epsilon: method 'pgd' needs epsilon > 0",
+    ),
     ({"robust": [{"method": "cw", "epsilon": 0.1}]}, "robust.0.method"),
     ({"robust": [{"method": "pgd", "epsilon": 0.1, "steps": 0}]}, "robust.0.steps"),
     ({"robust": [{"method": "fgsm", "epsilon": 0.1, "adv_fraction": 1.5}]}, "adv_fraction"),
@@ -92,7 +109,7 @@ BAD = [
     ({"batch_sizes": ["16"]}, r"batch_sizes\[0\]: got '16' \(text: write 16 without quotes\)"),
     ({"model": "vgg99"}, "model"),
     ({"dataset": "imagenet"}, "dataset"),
-    ({"foo": 1}, "foo: unknown field"),
+    ({"foo": 1}, r"foo: unknown field; .*experiments/reference\.yaml lists every field"),
     ({"training": {"lrr": 0.1}}, "training.lrr"),
     ({"training": {"batch_size": 8}}, "top level"),
     ({"training": {"lr": 0}}, "lr"),
@@ -107,6 +124,14 @@ BAD = [
     ({"resources": {"gpus": -1}}, "resources.gpus"),
     ({"name": "has space"}, "name"),
     ({"storage": "ftp://x/y"}, "storage"),
+    # booleans are not integers, text is not a boolean, and storage is not empty
+    ({"hessian": {"top_k": True}}, r"hessian\.top_k: Input should be a valid integer \(got True"),
+    ({"max_failures": True}, r"max_failures: Input should be a valid integer \(got True\)"),
+    ({"hessian": {"trace": "yes"}}, r"hessian\.trace: Input should be a valid boolean \(got 'yes'"),
+    ({"resources": {"cpus": True}}, r"resources\.cpus: Input should be a valid number \(got True"),
+    ({"hessian": {"top_k": "5"}}, r"hessian\.top_k: .*\(got '5'\) \(text: write 5 without quotes"),
+    ({"storage": ""}, r"storage: empty; give a folder"),
+    ({"storage": "  "}, r"storage: empty; give a folder"),
     ({"search": {"space": {"lr": {"normal": [0, 1]}}}}, "unknown distribution"),
     ({"search": {"space": {"lr": {"loguniform": [0, 1]}}}}, "bounds must be > 0"),
     ({"search": {"space": {"batch_size": {"choice": [1, 2]}}}}, "not a searchable"),
@@ -122,6 +147,11 @@ BAD = [
     ({"search": {"space": {"lr": {"uniform": ["1e-4", "1e-2"]}}}}, "bounds must be numbers"),
     ({"search": {"space": {"lr": {"quniform": [0.015, 0.1, 0.01]}}}}, "multiples of q"),
     ({"search": {"space": {"lr": {"quniform": [0.0, 0.1, 0.01]}}}}, "search.space.lr: got 0"),
+    # ... and in every grid cell, not only the first (batch_sizes[0] is 64 here)
+    (
+        {"batch_sizes": [64, 16], "search": {"space": {"micro_batch_size": {"choice": [8, 32]}}}},
+        r"search\.space\.micro_batch_size: got 32; expected at most batch_size \(16\)",
+    ),
     (
         {"search": {"space": {"hessian_every": {"choice": [1, 3]}}}, "select": {"metric": CURV}},
         "set training.hessian_every: 1",
@@ -187,6 +217,127 @@ def test_validate_prints_the_grid(capsys):
     search = "search={space: {lr: {loguniform: [0.001, 0.1]}}, num_samples: 3}"
     assert main(["validate", "demo", "--set", search]) == 0
     assert "3 search sample(s) each: 24 trial(s)" in capsys.readouterr().out
+
+
+def test_search_values_are_checked_in_every_cell_whatever_the_order(capsys):
+    space = "search={space: {micro_batch_size: {choice: [8, 64]}}}"
+    for sizes in ("batch_sizes=[256,16]", "batch_sizes=[16,256]"):
+        err = _validate_error(capsys, sizes, space)
+        assert "search.space.micro_batch_size: got 64; expected at most batch_size (16)" in err
+
+
+def test_num_trials_counts_grid_values_of_the_search_space_as_tune_does():
+    from ray.tune.search.variant_generator import generate_variants
+
+    space = {
+        "lr": {"grid": [0.01, 0.1, 0.2]},
+        "momentum": {"choice": [0.5, 0.9]},
+        "weight_decay": {"grid": [0.0, 0.001]},
+    }
+    exp = Experiment.from_dict({**BASE, "search": {"space": space, "num_samples": 2}})
+    per_sample = len(list(generate_variants(exp.to_param_space())))
+    assert exp.num_trials == per_sample * 2 == exp.num_cells * 3 * 2 * 2 == 24
+
+
+def test_validate_prints_the_trials_tune_runs_for_a_grid_search(capsys):
+    grid = "search={space: {lr: {grid: [0.01, 0.1, 0.2]}}, num_samples: 2}"
+    assert main(["validate", "demo", "--set", grid]) == 0
+    assert ": 48 trial(s)" in capsys.readouterr().out  # 8 cells x 3 lr values x 2 samples
+
+
+def test_unreadable_spec_files_exit_2_naming_the_file(tmp_path, capsys, monkeypatch):
+    binary = tmp_path / "utf16.yaml"
+    binary.write_bytes(b"\xff\xfen\x00a\x00")
+    assert main(["validate", str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert f"{binary}: not UTF-8 text" in err and "save the spec as UTF-8" in err
+    locked = tmp_path / "locked.yaml"
+    locked.write_text(yaml.safe_dump(BASE))
+    read_text = Path.read_text
+
+    def refuse(self, *args, **kwargs):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    assert main(["validate", str(locked)]) == 2
+    err = capsys.readouterr().err
+    assert f"{locked}: cannot read the spec (Permission denied)" in err
+    assert "Traceback" not in err
+
+
+DUPLICATES = [
+    ("name: a\nbatch_sizes: [16]\nname: b\n", "duplicate key 'name' (first on line 1)", 3),
+    (
+        "name: a\nbatch_sizes: [16]\ntraining:\n  lr: 0.1\ntraining:\n  max_epochs: 2\n",
+        "duplicate key 'training' (first on line 3)",
+        5,
+    ),
+    ("name: a\nbatch_sizes: [16]\nhessian: {top_k: 1, top_k: 2}\n", "duplicate key 'top_k'", 3),
+]
+
+
+@pytest.mark.parametrize(("text", "message", "line"), DUPLICATES, ids=["name", "block", "flow"])
+def test_duplicate_yaml_keys_are_refused_with_the_key_and_line(
+    text, message, line, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "dup.yaml"
+    spec.write_text(text)
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and f'in "{spec}", line {line}' in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dup.yaml"]
+
+
+def test_yaml_merge_keys_may_still_be_overridden():
+    text = "base: &b {lr: 0.1, momentum: 0.9}\ntraining:\n  <<: *b\n  lr: 0.2\n"
+    assert load_yaml(text)["training"] == {"lr": 0.2, "momentum": 0.9}
+
+
+def test_yaml_integers_still_fill_number_fields():
+    exp = Experiment.from_dict(
+        {
+            **BASE,
+            "robust": [{"method": "fgsm", "epsilon": 1}],
+            "hessian": {"cpus_per_actor": 2, "gpus_per_actor": 0, "trace_rtol": 0.1},
+            "resources": {"cpus": 2, "gpus": 0},
+            "training": {"lr": 1},
+        }
+    )
+    assert exp.resources.cpus == 2.0 and isinstance(exp.resources.cpus, float)
+    assert exp.robust[0].epsilon == 1.0 and exp.hessian.cpus_per_actor == 2.0
+
+
+def test_reference_spec_lists_every_field_at_its_default():
+    path = EXPERIMENTS_DIR / "reference.yaml"
+    ref = yaml.safe_load(path.read_text())
+    sections = [
+        (Experiment, ref),
+        (RobustSetting, ref["robust"][0]),
+        (SearchSpec, ref["search"]),
+        (SelectSpec, ref["select"]),
+        (HessianSpec, ref["hessian"]),
+        (Resources, ref["resources"]),
+    ]
+    for model, shown in sections:
+        missing = set(model.model_fields) - set(shown)
+        assert not missing, f"{model.__name__} fields missing from reference.yaml: {missing}"
+    for config, shown in [
+        (TrainConfig, {**ref["training"], **dict.fromkeys(TOP_LEVEL_KEYS), "data_root": None}),
+        (AttackConfig, ref["training"]["eval_attack"]),
+        (ScheduleConfig, ref["training"]["lr_schedule"]),
+    ]:
+        assert set(config.__dataclass_fields__) <= set(shown), config.__name__
+    text = path.read_text()
+    assert all(f"{{{kind}: [" in text for kind in SEARCH_KINDS)
+    exp = Experiment.from_yaml(path)
+    plain = Experiment(name=exp.name, batch_sizes=exp.batch_sizes)
+    skip = {"description", "search", "select", "training"}
+    assert exp.model_dump(exclude=skip) == plain.model_dump(exclude=skip)
+    assert exp.search == SearchSpec() and exp.select == SelectSpec()
+    assert TrainConfig.from_dict(exp.training) == TrainConfig()
 
 
 def test_yaml_round_trip(tmp_path):
