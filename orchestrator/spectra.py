@@ -24,10 +24,39 @@ from analysis.hessian import (
     slq_density,
 )
 from analysis.hessian.modelutil import LossFn
+from analysis.hessian.protocol import operator_device
 from orchestrator.hessian_pool import HessianPool, as_tensors, without_grad
 
 INPUT_BLOCK = 50
 NEG_RTOL = 1e-6
+PROGRESS_EVERY_S = 30.0
+
+
+class _Progress:
+    """An operator that forwards products and says, at most every ``every_s`` seconds, how
+    many the current solver has taken: a top-k of a large model otherwise runs for minutes
+    without a word."""
+
+    def __init__(self, op: Any, say: Callable[[str], None], every_s: float) -> None:
+        self.op, self.say, self.every_s = op, say, every_s
+        self.size, self.dtype = op.size, op.dtype
+        self.device = operator_device(op)
+        self.begin("")
+
+    def begin(self, solver: str) -> None:
+        """Count the products of ``solver`` from here on."""
+        self.solver, self.count = solver, 0
+        self.start = self.last = time.perf_counter()
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """The wrapped operator's product, counted."""
+        out = self.op.matvec(v)
+        self.count += 1
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.say(f"{self.solver}: {self.count} matvecs so far, {now - self.start:.0f}s")
+        return out
 
 
 @dataclass(frozen=True)
@@ -202,8 +231,10 @@ def analyze_model(
             op = WeightHessian(model, loss_fn, _local_batches(pool_or_data), dtype=dtype)
         k = min(settings.top_k, int(op.size))
         t0 = time.perf_counter()
+        counted = _Progress(op, say, PROGRESS_EVERY_S)
+        counted.begin(f"lanczos top-{k}")
         eig = lanczos(
-            op,
+            counted,
             k=k,
             tol=settings.tol,
             seed=settings.seed,
@@ -221,8 +252,9 @@ def analyze_model(
         trace = stderr = trace_ok = None
         if settings.trace:
             t0 = time.perf_counter()
+            counted.begin("trace")
             tr = hutchinson_trace(
-                op,
+                counted,
                 rtol=settings.trace_rtol,
                 max_probes=settings.trace_max_probes,
                 seed=settings.seed + 1,
@@ -237,8 +269,9 @@ def analyze_model(
         grid = dens = None
         if settings.density:
             t0 = time.perf_counter()
+            counted.begin("density")
             sd = slq_density(
-                op,
+                counted,
                 n_probes=settings.density_probes,
                 steps=settings.density_steps,
                 seed=settings.seed + 2,

@@ -137,6 +137,25 @@ def test_parts_can_be_switched_off(problem):
     assert math.isfinite(metrics["hessian/eig_2"])
 
 
+def test_long_solvers_say_how_far_they_have_got(problem, local_report, monkeypatch):
+    import orchestrator.spectra as spectra
+
+    monkeypatch.setattr(spectra, "PROGRESS_EVERY_S", 0.0)  # every product says so
+    model, train, test = problem
+    said: list[str] = []
+    report = analyze_model(model, train, *test, SETTINGS, progress=said.append)
+    assert_same(report, local_report)  # counting changes nothing
+    running = [m for m in said if "matvecs so far" in m]
+    lanczos_counts = [int(m.split(": ")[1].split()[0]) for m in running if m.startswith("lanczos")]
+    assert lanczos_counts == list(range(1, report.n_matvecs + 1))
+    assert any(m.startswith("trace: ") for m in running)
+    assert any(m.startswith("density: ") for m in running)
+    monkeypatch.undo()
+    quiet: list[str] = []
+    analyze_model(model, train, *test, SETTINGS, progress=quiet.append)
+    assert not [m for m in quiet if "so far" in m]  # the default: at most every 30 s
+
+
 def test_eigenvalue_criterion_gives_the_same_top_k_with_fewer_products(problem, local_report):
     model, train, test = problem
     settings = dataclasses.replace(
