@@ -43,10 +43,11 @@ from orchestrator.tracking import (
     experiment_id,
     finite_metrics,
     log_batch,
+    require_store,
     resolve_tracking_uri,
     sqlite_path,
 )
-from trainables.data import load_dataset
+from trainables.data import DatasetCorruptError, default_root, load_dataset
 
 STATE_FILE = "hessweep.json"
 REPORTS_DIR = Path("runs/reports")
@@ -75,8 +76,8 @@ def run_experiment(
     """Sweep ``exp`` on Ray Tune, analyse every kept model's Hessian, log it all to MLflow."""
     uri = resolve_tracking_uri(tracking_uri, exp.tracking_uri)
     _check_data(exp)
+    _init_ray(address, exp)  # before the store is opened: a bad address leaves nothing
     client = connect(uri)
-    _init_ray(address, exp)  # before anything is written: a bad address leaves nothing
     run_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = join(storage_path(exp.storage), run_name)
     _write_state(sweep_dir, exp, None, uri)  # storage must take a file before MLflow does
@@ -115,7 +116,9 @@ def resume_experiment(
     """
     sweep_dir = find_sweep_dir(name_or_dir, storage)
     state_file = join(sweep_dir, STATE_FILE)
-    state = json.loads(read_text(state_file))
+    with _storage_errors("sweep folder", sweep_dir):
+        text = read_text(state_file)
+    state = json.loads(text)
     if not state.get("parent_run_id"):
         raise UserInputError(
             f"{state_file}: this sweep stopped before its MLflow run was created; "
@@ -152,9 +155,7 @@ def _sweep_store(uri: str, parent_id: str, logged_to: str) -> tuple[Any, Any]:
         f"the sweep was logged to {redact_text(logged_to)}; give that store with "
         "--tracking-uri (or leave it out)"
     )
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        raise UserInputError(f"--tracking-uri {redact_text(uri)}: no such store ({db}); {hint}")
+    require_store(uri, hint)
     client = connect(uri)
     try:
         return client, client.get_run(parent_id)
@@ -170,15 +171,17 @@ def find_sweep_dir(name_or_dir: str, storage: str = "runs/ray") -> str:
     Sweeps are named ``NAME-YYYYmmdd-HHMMSS``: only those of exactly this experiment count
     (``demo`` never picks a sweep of ``demo-big``), the newest by that timestamp.
     """
-    if exists(join(name_or_dir, STATE_FILE)):
-        return name_or_dir if is_uri(name_or_dir) else str(Path(name_or_dir).resolve())
+    with _storage_errors("sweep folder", name_or_dir):
+        if exists(join(name_or_dir, STATE_FILE)):
+            return name_or_dir if is_uri(name_or_dir) else str(Path(name_or_dir).resolve())
     root = storage_path(storage)
     pattern = re.compile(rf"{re.escape(name_or_dir)}-\d{{8}}-\d{{6}}")
-    found = [
-        name
-        for name in subfolders(root)
-        if pattern.fullmatch(name) and exists(join(root, name, STATE_FILE))
-    ]
+    with _storage_errors("--storage", storage):
+        found = [
+            name
+            for name in subfolders(root)
+            if pattern.fullmatch(name) and exists(join(root, name, STATE_FILE))
+        ]
     if not found:
         raise UserInputError(
             f"no sweep called {name_or_dir!r} under {redact_text(root)} (looked for "
@@ -186,6 +189,23 @@ def find_sweep_dir(name_or_dir: str, storage: str = "runs/ray") -> str:
             "sweep folder, or --storage where the spec's sweeps live"
         )
     return join(root, max(found))
+
+
+@contextmanager
+def _storage_errors(
+    what: str, location: str, fix: str = "give a local path, s3://, gs:// or file:// you can reach"
+):
+    """A storage location that cannot be opened or read (pyarrow's ArrowInvalid for an
+    unknown scheme or query option, OSError for one out of reach) as bad input."""
+    try:
+        yield
+    except UserInputError:
+        raise
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise UserInputError(
+            f"{what} {redact_text(location)}: {reason or type(err).__name__}; {fix}"
+        ) from None
 
 
 def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) -> ExperimentResult:
@@ -248,8 +268,11 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
                 if wanted and not phase.already_done(run_ids[tid]):
                     location = checkpoint_location(ckpt.path, sweep_dir)
                     phase.submit(tid, location, run_ids[tid], _label(config))
-            phase.wait()
+        unanalysed = phase.wait()
         timings["hessian_s"] = time.perf_counter() - start
+        labels = {tid: _label(config) for tid, config, _, _ in trials}
+        for tid, err in unanalysed.items():
+            progress(f"hessian: {labels.get(tid, tid)}: analysis failed ({_error_summary(err)})")
         rows = [
             trial_row(tid, run_ids[tid], config, metrics, _final_metrics(client, run_ids[tid]))
             for tid, config, metrics, _ in trials
@@ -268,15 +291,20 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
         _log_timings(client, parent_id, timings)
         failed = tuple(
             f"{_label(r.config)}: {_error_summary(r.error)}" for r in grid if r.error is not None
+        ) + tuple(
+            f"{labels.get(tid, tid)}: Hessian analysis failed: {_error_summary(err)}"
+            for tid, err in unanalysed.items()
         )
         client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
         progress(to_markdown(table))
         return ExperimentResult(table, parent_id, report_dir, grid, uri, sweep_dir, timings, failed)
     except KeyboardInterrupt:
         interrupted = True
+        _end_trial_runs(callback, "KILLED", progress)
         client.set_terminated(parent_id, status="KILLED")
         raise SweepInterrupted(sweep_dir) from None
     except BaseException:
+        _end_trial_runs(callback, "FAILED", progress)
         client.set_terminated(parent_id, status="FAILED")
         raise
     finally:
@@ -289,6 +317,15 @@ def _flush_after_failure(callback: Any, progress: Callable[[str], None]) -> None
         callback.flush()
     except Exception as err:  # the store is down too: the fit's error is the one to see
         progress(f"tracking: buffered epoch metrics not written ({type(err).__name__}: {err})")
+
+
+def _end_trial_runs(callback: Any, status: str, progress: Callable[[str], None]) -> None:
+    """Mark the trials' runs still RUNNING as ``status`` (Tune stopped them without a
+    callback), without hiding the error or interruption that stopped the sweep."""
+    try:
+        callback.end_runs(status)
+    except Exception as err:  # the store is down too
+        progress(f"tracking: trial runs not marked {status} ({type(err).__name__}: {err})")
 
 
 @contextmanager
@@ -344,12 +381,14 @@ def _room_for_actors(exp: Experiment, unfinished_trials: int) -> bool:
 
 
 def _check_data(exp: Experiment) -> None:
-    """Load the data set once on the driver so a missing one fails before any trial."""
+    """Load the data set once on the driver so a missing or damaged one fails before any
+    trial; its error names the files, the folder and the ``hessweep download`` to run."""
     root = exp.data_root if exp.data_root is not None else exp.training.get("data_root")
     try:
         load_dataset(exp.dataset, root=root)
-    except FileNotFoundError as err:
-        raise UserInputError(f"dataset {exp.dataset!r}: {err}") from None
+    except (FileNotFoundError, DatasetCorruptError) as err:
+        shown = root if root is not None else f"{default_root()} (the default)"
+        raise UserInputError(f"dataset {exp.dataset!r}, data_root {shown}: {err}") from None
 
 
 def _init_ray(address: str | None, exp: Experiment, training: bool = True) -> None:

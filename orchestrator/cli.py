@@ -21,7 +21,10 @@ EXIT_INTERRUPTED = 130
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs; values are read as YAML (``[16, 64]``, ``0.1``, ``full``)."""
+    """``--set key=value`` pairs; values are read as YAML (``[16, 64]``, ``0.1``, ``full``),
+    a key given twice inside one value refused as in a spec file."""
+    from orchestrator.spec import load_yaml
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -30,7 +33,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
                 f"--set {item!r}: expected key=value, e.g. --set batch_sizes=[32,512]"
             )
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = load_yaml(value, source=f"--set {key.strip()}")
         except yaml.YAMLError as err:
             raise UserInputError(f"--set {item!r}: value is not valid YAML ({err})") from None
     return out
@@ -135,7 +138,8 @@ def _summary(result: Any, wall: float) -> int:
         f"{t.get('hessian_s', 0):.1f}s, tracking {t.get('tracking_s', 0):.1f}s)\n"
         f"table: {result.report_dir}/table.parquet and table.md\n"
         f"MLflow parent run {result.parent_run_id} at {redact_text(result.tracking_uri)}\n"
-        "open the UI with: hessweep ui   (then http://127.0.0.1:5000)"
+        "open the UI with: hessweep ui   (then http://127.0.0.1:5000)\n"
+        f"the paper's tables, figures and findings: hessweep report {Path(result.report_dir).name}"
     )
     if not result.failed_trials:
         return 0
@@ -160,10 +164,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import ReportError, build_report
-    from orchestrator.tracking import connect, resolve_tracking_uri
+    from orchestrator.tracking import open_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    connect(uri)
+    open_store(uri)  # a mistyped SQLite path is refused, not created empty
     try:
         result = build_report(
             None if args.run_id else args.name,
@@ -185,6 +189,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     from trainables.data import (
         DATASET_NAMES,
+        DOWNLOADABLE,
         DatasetCorruptError,
         DatasetNotFoundError,
         default_root,
@@ -196,7 +201,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     unknown = [n for n in args.datasets if n not in DATASET_NAMES]
     if unknown:
         raise UserInputError(
-            f"unknown dataset {unknown[0]!r}; downloadable: {', '.join(DATASET_NAMES)} "
+            f"unknown dataset {unknown[0]!r}; downloadable: {', '.join(DOWNLOADABLE)} "
             "(digits is bundled with scikit-learn)"
         )
     for name in args.datasets:
@@ -215,10 +220,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from orchestrator.tracking import DEFAULT_ARTIFACTS, connect, resolve_tracking_uri
+    from orchestrator.tracking import DEFAULT_ARTIFACTS, open_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    connect(uri)  # a clear error (exit 2) for a store that cannot be opened
+    open_store(uri)  # a clear error (exit 2) for a store that cannot be opened or is not there
     cmd = [
         sys.executable,
         "-m",
@@ -307,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the loss-landscape figure (it reloads every checkpoint)",
     )
     common(p, address=False)
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=cmd_report, subparser=p)
 
     p = sub.add_parser(
         "download", help="fetch MNIST/CIFAR once (training never downloads; digits is bundled)"
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "report" and not (args.name or args.run_id):
-        parser.error("report needs an experiment NAME or --run-id")
+        args.subparser.error("report needs an experiment NAME or --run-id")  # report's usage
     try:
         return args.func(args)
     except (UserInputError, ConfigError) as err:

@@ -25,7 +25,8 @@ from orchestrator.tracking import finite_metrics, log_batch
 from trainables.checkpoint import CheckpointError
 from trainables.train import load_trained
 
-ANALYZED = "hessweep.analyzed"
+ANALYZED = "hessweep.analyzed"  # "true", or "failed" (then ANALYSIS_ERROR says why)
+ANALYSIS_ERROR = "hessweep.analysis_error"
 
 
 def settings_for(exp: Experiment) -> HessianSettings:
@@ -96,9 +97,25 @@ class HessianPhase:
         with self._lock:
             if trial_id not in self._futures:
                 self._futures[trial_id] = self._executor.submit(
-                    self._analyse, trial_id, checkpoint_path, run_id, label
+                    self._analyse_or_tag, trial_id, checkpoint_path, run_id, label
                 )
             return self._futures[trial_id]
+
+    def _analyse_or_tag(self, trial_id: str, checkpoint_path: str, run_id: str, label: str):
+        """``_analyse``; a failure is tagged on the trial's run (resume tries it again) and
+        raised for ``wait``."""
+        try:
+            self._analyse(trial_id, checkpoint_path, run_id, label)
+            if ANALYSIS_ERROR in self.client.get_run(run_id).data.tags:  # an earlier try's
+                self.client.delete_tag(run_id, ANALYSIS_ERROR)
+        except Exception as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            why = f"{type(err).__name__}: {lines[-1] if lines else ''}"[:500]
+            try:
+                log_batch(self.client, run_id, tags={ANALYZED: "failed", ANALYSIS_ERROR: why})
+            except Exception as tag_err:  # the store is down too: the analysis error counts
+                self.progress(f"hessian: {label}: failure not tagged on its run ({tag_err})")
+            raise
 
     def _analyse(self, trial_id: str, checkpoint_path: str, run_id: str, label: str) -> None:
         start = time.perf_counter()
@@ -133,10 +150,16 @@ class HessianPhase:
             f"hessian: {label}: lambda_max={lam:.4g} in {time.perf_counter() - start:.1f}s"
         )
 
-    def wait(self) -> None:
-        """Block until every queued analysis is done; re-raise the first failure."""
-        for future in list(self._futures.values()):
-            future.result()
+    def wait(self) -> dict[str, Exception]:
+        """Block until every queued analysis is done; the failures by trial id (one model
+        that cannot be analysed does not cost the others theirs)."""
+        failed = {}
+        for trial_id, future in list(self._futures.items()):
+            try:
+                future.result()
+            except Exception as err:
+                failed[trial_id] = err
+        return failed
 
     def close(self, cancel: bool = False) -> None:
         """Stop the executor and the actors; ``cancel`` drops analyses not yet started."""

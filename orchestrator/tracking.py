@@ -12,12 +12,14 @@ import contextlib
 import fcntl
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
@@ -28,7 +30,8 @@ from trainables.train import CURVATURE_KEY, METRIC_KEYS
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_ARTIFACTS = "runs/mlartifacts"
-# The trainable's per-epoch metrics, less the bookkeeping flags (kept as tags instead).
+# The trainable's per-epoch metrics, less the bookkeeping flags: diverged is kept as the tag
+# hessweep.diverged; converged follows from train/loss and the target_train_loss param.
 EPOCH_METRICS = (
     *(k for k in METRIC_KEYS if k not in ("epoch", "converged", "diverged")),
     CURVATURE_KEY,
@@ -36,7 +39,13 @@ EPOCH_METRICS = (
 ROLE, TRIAL_ID, SWEEP_DIR = "hessweep.role", "hessweep.trial_id", "hessweep.sweep_dir"
 PARENT = "mlflow.parentRunId"
 CHECKPOINT = "hessweep.checkpoint"
-PARAM_EXCLUDE = ("data_root", "device", "eval_batch_size")
+PARAM_EXCLUDE = ("data_root", "device", "eval_batch_size", "hessian_every")  # not hyper-parameters
+# Settings read only for some values of another: (that setting, the values that read it).
+READ_ONLY_UNDER = {
+    "lr_schedule.factor": ("lr_schedule.type", ("step",)),
+    "lr_schedule.epochs": ("lr_schedule.type", ("step",)),
+    "base_batch_size": ("lr_scaling", ("linear", "sqrt")),
+}
 # The settings each attack method reads (trainables.attacks; adv_fraction is training's).
 ATTACK_USES = {  # epsilon stays for "none" (0: no perturbation), so every run can be filtered
     "none": ("method", "epsilon"),
@@ -44,7 +53,13 @@ ATTACK_USES = {  # epsilon stays for "none" (0: no perturbation), so every run c
     "pgd": ("method", "epsilon", "steps", "step_size", "adv_fraction"),
 }
 ATTACK_PREFIXES = ("robust", "eval_attack")
-_BATCH = 900
+# MLflow's limits on one log_batch request (mlflow.utils.validation).
+MAX_PARAMS_TAGS, MAX_ENTITIES = 100, 1000
+# A tracking server's retries and timeout while checking that it answers (MLflow's own
+# defaults, 7 retries with backoff and 120 s, apply to the sweep's writes).
+QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# What a failed write to the store raises (requests' errors are OSErrors).
+WRITE_ERRORS = (MlflowException, OSError)
 # Per-epoch metrics are written at most this often (each run's in one request): one write
 # per epoch cost ~7 ms on the driver with SQLite (a network round trip with a server),
 # for every epoch of every trial.
@@ -84,12 +99,48 @@ def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _quick_http() -> Iterator[None]:
+    """Few retries and a short timeout for the check that a server answers, unless the user
+    set them; the environment is given back afterwards, so the sweep's writes keep
+    MLflow's patient defaults."""
+    saved = {key: os.environ.get(key) for key in QUICK_HTTP}
+    for key, value in QUICK_HTTP.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def require_store(tracking_uri: str, hint: str) -> None:
+    """Refuse a SQLite store whose file does not exist (``hint``: where the right one is), so
+    commands that only read one never create an empty one from a mistyped URI."""
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.exists():
+        raise UserInputError(
+            f"--tracking-uri {redact_text(tracking_uri)}: no such store ({db.resolve()}); {hint}"
+        )
+
+
+def open_store(tracking_uri: str) -> MlflowClient:
+    """A client for an existing store, for the commands that read sweeps (never creates one)."""
+    require_store(
+        tracking_uri,
+        "give the store the sweeps were logged to with --tracking-uri (or "
+        "MLFLOW_TRACKING_URI), or run from the folder whose runs/ holds it",
+    )
+    return connect(tracking_uri)
+
+
 def connect(tracking_uri: str) -> MlflowClient:
     """A client for ``tracking_uri``, checked to answer before any training starts."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        with _sqlite_init_lock(tracking_uri):
+        with _quick_http(), _sqlite_init_lock(tracking_uri):
             client = MlflowClient(tracking_uri=tracking_uri)
             client.search_experiments(max_results=1)
     except Exception as err:  # any failure means the store is unusable
@@ -117,8 +168,18 @@ def experiment_id(client: MlflowClient, name: str, artifacts: str = DEFAULT_ARTI
 
 def clean_params(flat: dict[str, Any]) -> dict[str, str]:
     """Only real hyper-parameters, as MLflow param strings (no settings a method ignores)."""
-    drop = {*PARAM_EXCLUDE, *_unused_attack_keys(flat)}
+    drop = {*PARAM_EXCLUDE, *_unused_attack_keys(flat), *_unread_keys(flat)}
     return {k: "null" if v is None else str(v) for k, v in flat.items() if k not in drop}
+
+
+def _unread_keys(flat: dict[str, Any]) -> set[str]:
+    """Settings that the setting they depend on leaves unread (a constant schedule's
+    ``lr_schedule.factor``, ``base_batch_size`` without lr scaling)."""
+    return {
+        key
+        for key, (setting, values) in READ_ONLY_UNDER.items()
+        if key in flat and setting in flat and flat[setting] not in values
+    }
 
 
 def _unused_attack_keys(flat: dict[str, Any]) -> set[str]:
@@ -158,13 +219,20 @@ def log_batch(
     tags: dict[str, str] | None = None,
 ) -> None:
     """``log_batch`` in chunks that respect MLflow's per-request limits."""
-    metrics = list(metrics)
     p = [Param(k, v[:6000]) for k, v in (params or {}).items()]
     t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    for i in range(0, max(len(metrics), len(p), len(t), 1), _BATCH):
-        client.log_batch(
-            run_id, metrics=metrics[i : i + _BATCH], params=p[i : i + 100], tags=t[i : i + 100]
-        )
+    for m_chunk, p_chunk, t_chunk in batches(list(metrics), p, t):
+        client.log_batch(run_id, metrics=m_chunk, params=p_chunk, tags=t_chunk)
+
+
+def batches(metrics: list, params: list, tags: list) -> Iterator[tuple[list, list, list]]:
+    """(metrics, params, tags) per request: at most 100 params and 100 tags, and at most
+    1000 entities in all (MLflow refuses a bigger batch); nothing for nothing."""
+    while metrics or params or tags:
+        p, t = params[:MAX_PARAMS_TAGS], tags[:MAX_PARAMS_TAGS]
+        m = metrics[: MAX_ENTITIES - len(p) - len(t)]
+        yield m, p, t
+        metrics, params, tags = metrics[len(m) :], params[len(p) :], tags[len(t) :]
 
 
 def find_child(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str) -> str | None:
@@ -198,7 +266,9 @@ class TrackingCallback(Callback):
     state, so a restored sweep reconnects, finds each trial's child run by tag and
     continues it. Per-epoch metrics are buffered and written every ``FLUSH_SECONDS``, when
     a trial ends, when Tune snapshots the experiment (so a snapshot never records a
-    checkpoint past what MLflow holds) and when the experiment ends (``flush``).
+    checkpoint past what MLflow holds) and when the experiment ends (``flush``). A write
+    that fails before the end only warns: Tune ends the whole sweep on a callback's error,
+    so the metrics wait for the next write instead.
     """
 
     def __init__(
@@ -215,6 +285,7 @@ class TrackingCallback(Callback):
         self.log_seconds = 0.0
         self._pending: dict[str, list[Metric]] = {}
         self._flushed_at = time.monotonic()
+        self._warned = False
         _LIVE[parent_run_id] = self
 
     def use_store(self, tracking_uri: str) -> None:
@@ -253,23 +324,27 @@ class TrackingCallback(Callback):
         tid = trial.trial_id
         if tid in self._runs:
             return self._runs[tid]
+        from trainables.config import parse_config
+
+        config = dict(trial.config)
+        params = clean_params(parse_config(config).to_flat_dict())
         run_id = find_child(self.client, self.exp_id, self.parent_run_id, tid)
         if run_id is None:
-            from trainables.config import parse_config
-
-            config = dict(trial.config)
             run = self.client.create_run(
                 self.exp_id,
                 run_name=run_label(config),
                 tags={PARENT: self.parent_run_id, ROLE: "trial", TRIAL_ID: tid},
             )
             run_id = run.info.run_id
-            params = clean_params(parse_config(config).to_flat_dict())
             log_batch(self.client, run_id, params=params)
             self._steps[tid] = 0
         else:
             self.client.update_run(run_id, status="RUNNING")
             self._steps[tid] = last_step(self.client, run_id)
+            # Again: the first session may have died between create_run and its params. The
+            # same values are taken again; a differing one (another version's) means they exist.
+            with contextlib.suppress(MlflowException):
+                log_batch(self.client, run_id, params=params)
         self._runs[tid] = run_id
         return run_id
 
@@ -288,25 +363,48 @@ class TrackingCallback(Callback):
         if step <= self._steps.get(trial.trial_id, 0):
             return
         self._pending.setdefault(run_id, []).extend(finite_metrics(result, step, EPOCH_METRICS))
-        if result.get("diverged"):
-            log_batch(self.client, run_id, tags={"hessweep.diverged": "true"})
         self._steps[trial.trial_id] = step
+        if result.get("diverged"):
+            try:
+                log_batch(self.client, run_id, tags={"hessweep.diverged": "true"})
+            except WRITE_ERRORS as err:  # the trial's end tags it again
+                self._warn(err)
         self._flush_if_due()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self._timed(self._flush_if_due)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._timed(self.flush)
+        self._timed(self.flush)  # the last chance: a failure here is raised
 
     def _flush_if_due(self) -> None:
         if time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
-            self.flush()
+            self._flush_or_warn()
+
+    def _flush_or_warn(self, run_id: str | None = None) -> None:
+        """``flush``, but a failed write keeps its metrics for the next one and warns."""
+        try:
+            self.flush(run_id)
+        except WRITE_ERRORS as err:
+            self._flushed_at = time.monotonic()  # try again in FLUSH_SECONDS, not at once
+            self._warn(err)
+
+    def _warn(self, err: BaseException) -> None:
+        """Say once per outage that writes to the store fail (and that nothing is lost)."""
+        if not self._warned:
+            self._warned = True
+            text = redact_text(str(err).splitlines()[0][:300] if str(err) else "")
+            print(
+                f"hessweep: warning: MLflow write failed ({type(err).__name__}: {text}); the "
+                "epoch metrics are kept and written again later",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def get_state(self) -> None:
         """Called at each of Tune's experiment snapshots: write what is buffered first (a
         resumed trial restarts from the snapshot's checkpoint). No state of its own."""
-        self._timed(self.flush)
+        self._timed(self._flush_or_warn)
 
     def flush(self, run_id: str | None = None) -> None:
         """Write the buffered per-epoch metrics (of one run, or of all), one request a run;
@@ -319,6 +417,17 @@ class TrackingCallback(Callback):
             self._pending.pop(rid, None)
         if run_id is None:
             self._flushed_at = time.monotonic()
+        self._warned = False
+
+    def end_runs(self, status: str) -> list[str]:
+        """End the child runs of this session still RUNNING (Tune stops trials without
+        telling callbacks) as ``status``, KILLED or FAILED; returns their ids."""
+        ended = []
+        for run_id in self._runs.values():
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, status=status)
+                ended.append(run_id)
+        return ended
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._timed(self._finish, trial, "FINISHED", trials)
@@ -328,7 +437,7 @@ class TrackingCallback(Callback):
 
     def _finish(self, trial: Any, status: str, trials: list) -> None:
         run_id = self.child_run(trial)
-        self.flush(run_id)
+        self._flush_or_warn(run_id)
         last = trial.last_result or {}
         tags = {"hessweep.status": status.lower(), "hessweep.epochs": last.get("epoch", 0)}
         if trial.checkpoint is not None:

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 DATASET_NAMES = ("cifar10", "cifar100", "digits", "mnist", "synthetic")
+DOWNLOADABLE = ("mnist", "cifar10", "cifar100")  # digits is bundled, synthetic generated
 DATA_ENV_VAR = "HESSWEEP_DATA"
 
 _MNIST_FILES = (
@@ -108,9 +109,14 @@ class DataSplits:
     image_size: int
 
 
-def download_hint(name: str) -> str:
-    """How to fetch a data set once (training itself never downloads)."""
-    return f"`hessweep download {name}` (or load_dataset({name!r}, download=True))"
+def download_hint(name: str, root: Path | None = None) -> str:
+    """How to fetch a data set once into ``root`` (training itself never downloads)."""
+    if root is None or root == default_root():
+        return f"`hessweep download {name}` (or load_dataset({name!r}, download=True))"
+    return (
+        f"`hessweep download {name} --root {root}` "
+        f"(or load_dataset({name!r}, root={str(root)!r}, download=True))"
+    )
 
 
 def default_root() -> Path:
@@ -222,7 +228,7 @@ def _load_mnist(root: Path, download: bool) -> DataSplits:
     _gunzip_missing(raw, _MNIST_FILES)
     missing = _missing(raw, _MNIST_FILES)
     if missing and not download:
-        raise _not_found("mnist", raw, _MNIST_FILES, missing)
+        raise _not_found("mnist", root, raw, _MNIST_FILES, missing)
     fetch = download and bool(missing)
     splits = [_construct(MNIST, "mnist", root, raw, train, fetch) for train in (True, False)]
     train, test = (
@@ -241,7 +247,7 @@ def _load_cifar(name: str, root: Path, download: bool, verify_checksums: bool) -
         cls = _without_md5(cls)
     missing = _missing(folder, files)
     if missing and not download:
-        raise _not_found(name, folder, files, missing)
+        raise _not_found(name, root, folder, files, missing)
     fetch = download and bool(missing)
     splits = [_construct(cls, name, root, folder, train, fetch) for train in (True, False)]
     train, test = (
@@ -278,16 +284,25 @@ def _construct(
     """Instantiate a torchvision data set, turning its failures into clear errors."""
     try:
         return cls(str(root), train=train, download=download)
-    except (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as err:
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+        EOFError,
+        KeyError,
+        AssertionError,  # torchvision's MNIST reader asserts on a bad idx header
+        pickle.UnpicklingError,
+    ) as err:
+        reason = str(err) or f"{type(err).__name__} in {cls.__name__}"
         if download:
             raise DatasetNotFoundError(
-                f"could not download {name} into {folder}: {err}. Without internet, copy the "
+                f"could not download {name} into {folder}: {reason}. Without internet, copy the "
                 f"files there yourself, or point data_root / {DATA_ENV_VAR} at a copy."
             ) from err
         raise DatasetCorruptError(
-            f"{name} files in {folder} exist but torchvision rejected them: {err}. They may be "
+            f"{name} files in {folder} exist but torchvision rejected them: {reason}. They may be "
             "truncated or not the published release (CIFAR files are MD5-checked); delete the "
-            f"folder and fetch them again with {download_hint(name)}, or pass "
+            f"folder and fetch them again with {download_hint(name, root)}, or pass "
             "verify_checksums=False for a copy trimmed on purpose."
         ) from err
 
@@ -297,12 +312,14 @@ def _missing(folder: Path, files: Sequence[str]) -> list[str]:
     return [f for f in files if not (folder / f).is_file()]
 
 
-def _not_found(name: str, folder: Path, files: Sequence[str], missing: Sequence[str]) -> Exception:
+def _not_found(
+    name: str, root: Path, folder: Path, files: Sequence[str], missing: Sequence[str]
+) -> Exception:
     """The error for a data set that is not on disk."""
     return DatasetNotFoundError(
         f"{name} not found: expected files {', '.join(files)} in {folder} "
-        f"(missing: {', '.join(missing)}). Fetch them with {download_hint(name)}, or set data_root "
-        f"/ {DATA_ENV_VAR} to a folder that holds them."
+        f"(missing: {', '.join(missing)}). Fetch them with {download_hint(name, root)}, or set "
+        f"data_root / {DATA_ENV_VAR} to a folder that holds them."
     )
 
 
@@ -341,6 +358,7 @@ def random_crop_flip(
 
 __all__ = [
     "DATASET_NAMES",
+    "DOWNLOADABLE",
     "DataSplits",
     "DatasetCorruptError",
     "DatasetNotFoundError",

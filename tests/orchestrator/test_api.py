@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import socket
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +22,7 @@ from orchestrator.api import (
 from orchestrator.cli import _summary, main
 from orchestrator.errors import SweepInterrupted, UserInputError
 from orchestrator.spec import Experiment
+from orchestrator.tracking import finite_metrics
 
 SPEC = {"name": "api", "dataset": "synthetic", "model": "mlp", "batch_sizes": [32]}
 
@@ -165,3 +168,134 @@ def test_download_of_an_unknown_data_set_is_refused_before_fetching(capsys):
     assert main(["download", "imagenet"]) == 2
     out = capsys.readouterr()
     assert "unknown dataset 'imagenet'" in out.err and "fetching" not in out.out
+
+
+def _junk_cifar10(root: Path) -> None:
+    """cifar-10-batches-py/ with every file present but none of them a CIFAR batch."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(b"not a pickle")
+
+
+def test_corrupt_data_is_bad_input_naming_data_root_and_the_fix(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _junk_cifar10(tmp_path / "data")
+    store = tmp_path / "store"
+    argv = ["run", "demo", "--set", "dataset=cifar10", "--set", "model=c1"]
+    argv += ["--set", f"data_root={tmp_path / 'data'}", "--tracking-uri", f"sqlite:///{store}/m.db"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"data_root {tmp_path / 'data'}" in err
+    assert f"hessweep download cifar10 --root {tmp_path / 'data'}" in err
+    assert not store.exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_bad_address_leaves_no_tracking_store(tmp_path, monkeypatch, capsys):
+    import orchestrator.api as api
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(api.ray, "is_initialized", lambda: False)  # as in a fresh `hessweep`
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "store"
+    argv = ["run", "demo", "--address", f"127.0.0.1:{port}"]
+    assert main([*argv, "--tracking-uri", f"sqlite:///{store}/m.db"]) == 2
+    assert f"--address '127.0.0.1:{port}'" in capsys.readouterr().err
+    assert not store.exists() and not (tmp_path / "runs").exists()
+
+
+def _sweep(tmp_path: Path):
+    """A store with a sweep's parent run, and the callback a sweep would log through."""
+    from orchestrator.tracking import TrackingCallback, connect, experiment_id
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = connect(uri)
+    exp_id = experiment_id(client, "api", str(tmp_path / "art"))
+    parent = client.create_run(exp_id).info.run_id
+    return client, TrackingCallback(uri, exp_id, parent), parent, uri
+
+
+def _trial(trial_id: str, batch_size: int, tmp_path: Path):
+    config = {"dataset": "synthetic", "model": "mlp", "batch_size": batch_size}
+    ckpt = SimpleNamespace(path=str(tmp_path / trial_id / "checkpoint_000001"))
+    return SimpleNamespace(trial_id=trial_id, config=config, checkpoint=ckpt, last_result={})
+
+
+def _result(trial):
+    """Tune's result of a trial that finished."""
+    metrics = {"trial_id": trial.trial_id, "epoch": 1, "done": True, "train/loss": 0.5}
+    return SimpleNamespace(
+        error=None, metrics=metrics, config=trial.config, checkpoint=trial.checkpoint
+    )
+
+
+@pytest.mark.parametrize(
+    ("stop", "status"), [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")]
+)
+def test_a_stopped_sweep_leaves_no_trial_run_running(stop, status, tmp_path):
+    client, callback, parent, uri = _sweep(tmp_path)
+    a, b = _trial("a", 32, tmp_path), _trial("b", 64, tmp_path)
+
+    def fit():
+        for trial in (a, b):
+            callback.on_trial_start(0, [a, b], trial)
+        callback.on_trial_error(0, [a, b], b)  # b failed on its own: stays FAILED
+        raise stop("the fit stopped")
+
+    expected = SweepInterrupted if stop is KeyboardInterrupt else RuntimeError
+    with pytest.raises(expected):
+        _drive(_exp(), SimpleNamespace(fit=fit), client, callback, parent, uri, "d", print)
+    runs = {t: client.get_run(callback.child_run_id(t)).info.status for t in ("a", "b")}
+    assert runs == {"a": status, "b": "FAILED"}
+    assert client.get_run(parent).info.status == status
+
+
+def test_one_failed_analysis_keeps_the_others_and_the_table(tmp_path, monkeypatch):
+    from orchestrator.phase import ANALYZED, HessianPhase
+    from orchestrator.tracking import log_batch
+
+    monkeypatch.chdir(tmp_path)
+    client, callback, parent, uri = _sweep(tmp_path)
+    a, b = _trial("a", 32, tmp_path), _trial("b", 64, tmp_path)
+
+    broken = {"b"}
+
+    def analyse(self, trial_id, checkpoint_path, run_id, label):
+        if trial_id in broken:
+            raise RuntimeError("Lanczos broke down\nCheckpointError: truncated")
+        log_batch(
+            self.client, run_id, finite_metrics({"hessian/eig_1": 3.0}, 0), tags={ANALYZED: "true"}
+        )
+
+    monkeypatch.setattr(HessianPhase, "_analyse", analyse)
+
+    def fit():
+        for trial in (a, b):
+            callback.on_trial_start(0, [a, b], trial)
+        return [_result(a), _result(b)]
+
+    said = []
+    tuner = SimpleNamespace(fit=fit)
+    result = _drive(_exp(), tuner, client, callback, parent, uri, str(tmp_path), said.append)
+    table = result.table.set_index("trial_id")
+    assert table.loc["a", "lambda_max"] == 3.0 and math.isnan(table.loc["b", "lambda_max"])
+    assert result.failed_trials == (
+        "bs=64 none seed=0: Hessian analysis failed: CheckpointError: truncated",
+    )
+    assert any("bs=64 none seed=0: analysis failed" in line for line in said)
+    tags = client.get_run(callback.child_run_id("b")).data.tags
+    assert tags[ANALYZED] == "failed"  # so `resume` analyses it again
+    assert "CheckpointError: truncated" in tags["hessweep.analysis_error"]
+    assert client.get_run(parent).info.status == "FAILED"
+    logged = {f.path for f in client.list_artifacts(parent, "report")}
+    assert {"report/table.parquet", "report/report.md"} <= logged
+
+    broken.clear()  # analysed again (as `resume` does): the old error goes
+    phase = HessianPhase(_exp(), client)
+    phase.submit("b", b.checkpoint.path, callback.child_run_id("b"), "bs=64 none seed=0")
+    assert phase.wait() == {}
+    phase.close()
+    tags = client.get_run(callback.child_run_id("b")).data.tags
+    assert tags[ANALYZED] == "true" and "hessweep.analysis_error" not in tags

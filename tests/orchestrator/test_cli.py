@@ -117,3 +117,48 @@ def test_resume_looks_where_the_spec_of_that_name_stores_its_sweeps(
     monkeypatch.setattr(orchestrator.api, "resume_experiment", fake_resume)
     assert main(argv) == 2
     assert seen["storage"] == storage
+
+
+@pytest.mark.parametrize(
+    "argv", [["report", "demo"], ["analyze", "0" * 32], ["ui"]], ids=["report", "analyze", "ui"]
+)
+def test_read_only_commands_refuse_a_store_that_is_not_there(argv, tmp_path, capsys) -> None:
+    store = tmp_path / "typo" / "mlflow.db"
+    assert main([*argv, "--tracking-uri", f"sqlite:///{store}"]) == 2
+    err = capsys.readouterr().err
+    assert f"no such store ({store})" in err and "--tracking-uri" in err
+    assert list(tmp_path.iterdir()) == []  # no empty store, no folder, no lock file
+
+
+def test_report_without_a_name_shows_reports_usage(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["report"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "usage: hessweep report" in err
+    assert "report needs an experiment NAME or --run-id" in err
+
+
+def test_download_lists_only_what_can_be_downloaded(capsys) -> None:
+    assert main(["download", "foo"]) == 2
+    err = capsys.readouterr().err
+    assert "downloadable: mnist, cifar10, cifar100 (digits is bundled" in err
+    assert "synthetic" not in err
+
+
+def test_the_summary_names_the_report_command_and_the_failed_trials(capsys) -> None:
+    from types import SimpleNamespace
+
+    from orchestrator.cli import _summary
+
+    result = SimpleNamespace(
+        timings={"training_s": 3.0},
+        report_dir=Path("runs/reports/demo"),
+        parent_run_id="abc",
+        tracking_uri="sqlite:///runs/mlflow.db",
+        failed_trials=("bs=64 none seed=0: RuntimeError: boom",),
+        result_grid=[object(), object()],
+    )
+    assert _summary(result, 5.0) == 1
+    out, err = capsys.readouterr()
+    assert "hessweep report demo" in out and "runs/reports/demo/table.parquet" in out
+    assert "1 of 2 trial(s) failed" in err and "RuntimeError: boom" in err

@@ -208,6 +208,9 @@ def test_file_level_errors(tmp_path, capsys):
     assert "mapping" in capsys.readouterr().err
     assert main(["validate", "demo", "--set", "nokey"]) == 2
     assert "expected key=value" in capsys.readouterr().err
+    assert main(["validate", "demo", "--set", "training={lr: 0.1, lr: 0.2}"]) == 2
+    err = capsys.readouterr().err
+    assert "duplicate key 'lr'" in err and "--set training" in err
 
 
 def test_validate_prints_the_grid(capsys):

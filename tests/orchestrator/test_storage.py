@@ -70,3 +70,37 @@ def test_newest_sweep_of_exactly_that_experiment(tmp_path: Path, uri: bool):
     assert find_sweep_dir("demo-big", storage).endswith("demo-big-20260103-000000")
     with pytest.raises(UserInputError, match="no sweep called 'dem'"):
         find_sweep_dir("dem", storage)
+
+
+@pytest.mark.parametrize(
+    ("storage", "reason"),
+    [
+        ("ftp://x/y", "Unrecognized filesystem type"),
+        ("gs://b/x?foo=1", "Unexpected query parameter"),
+    ],
+)
+def test_resume_from_a_storage_that_cannot_be_opened_is_bad_input(storage, reason, capsys):
+    from orchestrator.cli import main
+
+    assert main(["resume", "demo", "--storage", storage]) == 2
+    err = capsys.readouterr().err
+    assert f"--storage {storage}: {reason}" in err and "s3://, gs:// or file://" in err
+    sweep = join(storage, "demo-20260101-000000")
+    assert main(["resume", sweep]) == 2  # a sweep folder instead
+    assert f"sweep folder {sweep}: {reason}" in capsys.readouterr().err
+
+
+def test_analyze_of_a_run_whose_checkpoint_cannot_be_opened_is_bad_input(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cli import main
+    from orchestrator.tracking import CHECKPOINT, PARENT
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    tags = {CHECKPOINT: "ftp://x/t/checkpoint_000001", PARENT: "p"}
+    run = client.create_run(client.create_experiment("a"), tags=tags).info.run_id
+    assert main(["analyze", run, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint of run {run} ftp://x/t/checkpoint_000001" in err
+    assert "Traceback" not in err

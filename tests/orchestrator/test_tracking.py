@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,117 @@ def test_snapshots_steps_and_failed_writes_lose_no_epoch(tmp_path: Path, monkeyp
     monkeypatch.setattr(tracking, "FLUSH_SECONDS", 0.0)
     callback.on_step_end(0, [a])  # due: the epoch kept from the failed write goes out
     assert _history(client, run) == [(1, 1.0), (2, 0.5)]
+
+
+def test_params_leave_out_monitoring_and_settings_nothing_reads() -> None:
+    default = clean_params(parse_config({}).to_flat_dict())
+    assert not {"hessian_every", "lr_schedule.factor", "lr_schedule.epochs"} & set(default)
+    assert "base_batch_size" not in default  # lr_scaling none: never read
+    assert default["lr_schedule.type"] == "constant"
+    assert "lr_schedule.factor" not in clean_params(
+        parse_config({"lr_schedule": "cosine", "hessian_every": 2}).to_flat_dict()
+    )
+    step = {"lr_schedule": {"type": "step", "epochs": [5]}, "lr_scaling": "sqrt"}
+    kept = clean_params(parse_config(step).to_flat_dict())
+    assert kept["lr_schedule.factor"] == "0.1" and kept["lr_schedule.epochs"] == "[5]"
+    assert kept["base_batch_size"] == "64"
+
+
+def test_batches_keep_every_request_within_mlflows_entity_limit() -> None:
+    from orchestrator.tracking import batches
+
+    metrics, params, tags = list(range(900)), [f"p{i}" for i in range(150)], ["t"] * 100
+    chunks = list(batches(metrics, params, tags))
+    for m, p, t in chunks:
+        assert len(m) + len(p) + len(t) <= 1000 and len(p) <= 100 and len(t) <= 100
+    assert [x for m, _, _ in chunks for x in m] == metrics  # all of them, in order
+    assert [x for _, p, _ in chunks for x in p] == params
+    assert sum(len(t) for _, _, t in chunks) == 100
+    assert list(batches([], [], [])) == []
+
+
+def test_connect_shortens_http_retries_only_for_its_own_check(monkeypatch) -> None:
+    from orchestrator import tracking
+
+    keys = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    seen = {}
+
+    class Client:
+        def __init__(self, tracking_uri: str) -> None:
+            self.tracking_uri = tracking_uri
+
+        def search_experiments(self, max_results: int) -> list:
+            seen.update({key: os.environ.get(key) for key in keys})
+            return []
+
+    monkeypatch.setattr(tracking, "MlflowClient", Client)
+    tracking.connect("http://127.0.0.1:9")
+    assert seen == {keys[0]: "1", keys[1]: "10"}
+    assert not set(keys) & set(os.environ)  # the sweep's writes keep MLflow's defaults
+    monkeypatch.setenv(keys[1], "60")  # a user's own value stays
+    tracking.connect("http://127.0.0.1:9")
+    assert seen[keys[1]] == "60" and os.environ[keys[1]] == "60"
+
+
+def test_a_failed_write_during_the_sweep_warns_and_loses_nothing(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator import tracking
+
+    client, callback = _callback(tmp_path)
+    a = _Trial("a")
+    callback.on_trial_start(0, [a], a)
+    run = callback.child_run_id("a")
+    real, failures = tracking.log_batch, [MlflowException("503 Service Unavailable")] * 2
+
+    def flaky(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "log_batch", flaky)
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", 0.0)
+    callback.on_trial_result(0, [a], a, {"epoch": 1, "train/loss": 1.0})  # the write fails
+    callback.get_state()  # Tune's snapshot: fails again, still no exception
+    err = capsys.readouterr().err
+    assert err.count("MLflow write failed") == 1 and "503 Service Unavailable" in err
+    callback.on_trial_result(0, [a], a, {"epoch": 2, "train/loss": 0.5})  # the store is back
+    assert _history(client, run) == [(1, 1.0), (2, 0.5)]
+
+    failures.extend([MlflowException("down for good")] * 9)
+    callback.on_trial_result(0, [a], a, {"epoch": 3, "train/loss": 0.25})
+    assert "down for good" in capsys.readouterr().err  # a new outage warns again
+    with pytest.raises(MlflowException):  # the experiment's end: the last chance, raised
+        callback.on_experiment_end([a])
+    failures.clear()
+    callback.flush()
+    assert _history(client, run)[-1] == (3, 0.25)
+
+
+def test_a_child_run_found_again_gets_its_params(tmp_path: Path, monkeypatch) -> None:
+    from orchestrator import tracking
+
+    client, callback = _callback(tmp_path)
+    a = _Trial("a")
+    real = tracking.log_batch
+
+    def params_lost(*args, **kwargs):
+        raise ConnectionError("the driver died between create_run and log_batch")
+
+    monkeypatch.setattr(tracking, "log_batch", params_lost)
+    with pytest.raises(ConnectionError):
+        callback.on_trial_start(0, [a], a)
+    monkeypatch.setattr(tracking, "log_batch", real)
+    for _ in range(2):  # a restored sweep's callback, twice: the same values are taken again
+        restored = tracking.TrackingCallback(
+            callback.tracking_uri, callback.exp_id, callback.parent_run_id
+        )
+        restored.on_trial_restore(0, [a], a)
+    runs = client.search_runs([callback.exp_id], "tags.`hessweep.role` = 'trial'")
+    assert [r.info.run_id for r in runs] == [restored.child_run_id("a")]  # found, not made
+    params = runs[0].data.params
+    assert params["batch_size"] == "32" and "lr" in params

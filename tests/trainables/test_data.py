@@ -231,6 +231,16 @@ def test_truncated_cifar_batch_is_reported_as_corrupt(tmp_path: Path) -> None:
         load_dataset("cifar10", root=tmp_path, verify_checksums=False)
 
 
+def test_mnist_with_a_bad_header_is_reported_as_corrupt(tmp_path: Path) -> None:
+    _fake_mnist(tmp_path)
+    (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(b"junk" * 100)
+    with pytest.raises(DatasetCorruptError) as info:  # torchvision asserts on the header
+        load_dataset("mnist", root=tmp_path)
+    message = str(info.value)
+    assert "mnist files in" in message and "AssertionError" in message
+    assert f"hessweep download mnist --root {tmp_path}" in message  # this root, not the default
+
+
 def test_unknown_dataset_lists_known_names() -> None:
     with pytest.raises(ValueError, match=r"unknown dataset 'svhn'.*cifar10.*digits.*mnist"):
         load_dataset("svhn")
