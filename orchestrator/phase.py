@@ -19,7 +19,12 @@ from mlflow.tracking import MlflowClient
 from orchestrator.artifacts import write_spectrum_files
 from orchestrator.hessian_pool import HessianPool
 from orchestrator.spec import Experiment
-from orchestrator.spectra import HessianSettings, SpectrumReport, analyze_model
+from orchestrator.spectra import (
+    AnalysisCancelled,
+    HessianSettings,
+    SpectrumReport,
+    analyze_model,
+)
 from orchestrator.storage import local_copy
 from orchestrator.tracking import finite_metrics, log_batch
 from trainables.checkpoint import CheckpointError
@@ -70,6 +75,7 @@ class HessianPhase:
         self._lock = threading.Lock()
         self._futures: dict[str, Future] = {}
         self._executor = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="hessian")
+        self._stop = threading.Event()
 
     def pool(self, train_data: Any) -> HessianPool:
         """The actor pool over the training set, created on first use."""
@@ -108,6 +114,8 @@ class HessianPhase:
             self._analyse(trial_id, checkpoint_path, run_id, label)
             if ANALYSIS_ERROR in self.client.get_run(run_id).data.tags:  # an earlier try's
                 self.client.delete_tag(run_id, ANALYSIS_ERROR)
+        except AnalysisCancelled:
+            raise  # not a failure of the model: resume analyses it
         except Exception as err:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             why = f"{type(err).__name__}: {lines[-1] if lines else ''}"[:500]
@@ -136,6 +144,7 @@ class HessianPhase:
             test_y,
             self.settings,
             progress=lambda msg: self.progress(f"hessian: {label}: {msg}"),
+            stop=self._stop,
         )
         metrics = finite_metrics(report.metrics(), step=0)
         with tempfile.TemporaryDirectory(prefix="hessweep-art-") as tmp:
@@ -162,7 +171,13 @@ class HessianPhase:
         return failed
 
     def close(self, cancel: bool = False) -> None:
-        """Stop the executor and the actors; ``cancel`` drops analyses not yet started."""
+        """Stop the executor and the actors; ``cancel`` drops analyses not yet started and
+        ends running ones at their next product (their runs stay unanalysed for resume)."""
+        if cancel:
+            self._stop.set()
+            running = sum(1 for f in self._futures.values() if f.running())
+            if running:
+                self.progress(f"hessian: stopping {running} running analysis(es)")
         self._executor.shutdown(wait=True, cancel_futures=cancel)
         if self._pool is not None:
             self._pool.close()

@@ -6,6 +6,7 @@ both go through the ``.matvec`` operator interface and the same seeds, so they a
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,13 +33,23 @@ NEG_RTOL = 1e-6
 PROGRESS_EVERY_S = 30.0
 
 
+class AnalysisCancelled(Exception):
+    """The analysis was asked to stop (Ctrl-C during the Hessian phase)."""
+
+
 class _Progress:
     """An operator that forwards products and says, at most every ``every_s`` seconds, how
-    many the current solver has taken: a top-k of a large model otherwise runs for minutes
-    without a word."""
+    many the current solver has taken (a top-k of a large model otherwise runs for minutes
+    without a word); once ``stop`` is set, the next product raises ``AnalysisCancelled``."""
 
-    def __init__(self, op: Any, say: Callable[[str], None], every_s: float) -> None:
-        self.op, self.say, self.every_s = op, say, every_s
+    def __init__(
+        self,
+        op: Any,
+        say: Callable[[str], None],
+        every_s: float,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.op, self.say, self.every_s, self.stop = op, say, every_s, stop
         self.size, self.dtype = op.size, op.dtype
         self.device = operator_device(op)
         self.begin("")
@@ -50,6 +61,8 @@ class _Progress:
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """The wrapped operator's product, counted."""
+        if self.stop is not None and self.stop.is_set():
+            raise AnalysisCancelled(f"{self.solver} stopped after {self.count} matvecs")
         out = self.op.matvec(v)
         self.count += 1
         now = time.perf_counter()
@@ -208,6 +221,7 @@ def analyze_model(
     settings: HessianSettings | None = None,
     progress: Callable[[str], None] | None = None,
     loss_fn: LossFn | None = None,
+    stop: threading.Event | None = None,
 ) -> SpectrumReport:
     """Exact Hessian spectra of one trained model: weight Hessian over the whole training
     set (top-k, trace, density) and input Hessians of the first ``input_samples`` test points.
@@ -215,6 +229,8 @@ def analyze_model(
     ``pool_or_data`` is a ``HessianPool`` over the training set or the training data itself
     ((x, y) tensors, a Dataset or an iterable of batches). Input-Hessian samples are solved
     in blocks of ``INPUT_BLOCK`` seeded per block, identically on a pool and locally.
+    Setting ``stop`` ends the weight-Hessian solvers at their next product
+    (``AnalysisCancelled``).
     """
     settings = settings or HessianSettings()
     say = progress or (lambda _msg: None)
@@ -231,7 +247,7 @@ def analyze_model(
             op = WeightHessian(model, loss_fn, _local_batches(pool_or_data), dtype=dtype)
         k = min(settings.top_k, int(op.size))
         t0 = time.perf_counter()
-        counted = _Progress(op, say, PROGRESS_EVERY_S)
+        counted = _Progress(op, say, PROGRESS_EVERY_S, stop)
         counted.begin(f"lanczos top-{k}")
         eig = lanczos(
             counted,
@@ -326,6 +342,7 @@ def analyze_model(
 __all__ = [
     "INPUT_BLOCK",
     "NEG_RTOL",
+    "AnalysisCancelled",
     "HessianSettings",
     "SpectrumReport",
     "analyze_model",

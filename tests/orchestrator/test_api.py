@@ -299,3 +299,33 @@ def test_one_failed_analysis_keeps_the_others_and_the_table(tmp_path, monkeypatc
     phase.close()
     tags = client.get_run(callback.child_run_id("b")).data.tags
     assert tags[ANALYZED] == "true" and "hessweep.analysis_error" not in tags
+
+
+def test_cancelling_the_phase_stops_running_analyses_without_tagging_them_failed(
+    tmp_path, monkeypatch
+):
+    import threading
+
+    from orchestrator.phase import ANALYZED, HessianPhase
+    from orchestrator.spectra import AnalysisCancelled
+
+    monkeypatch.chdir(tmp_path)
+    client, callback, _parent, _uri = _sweep(tmp_path)
+    a = _trial("a", 32, tmp_path)
+    callback.on_trial_start(0, [a], a)
+    started = threading.Event()
+
+    def analyse(self, trial_id, checkpoint_path, run_id, label):
+        started.set()
+        if self._stop.wait(10):  # a long solver that asks at each product
+            raise AnalysisCancelled("lanczos top-5 stopped after 12 matvecs")
+
+    monkeypatch.setattr(HessianPhase, "_analyse", analyse)
+    said = []
+    phase = HessianPhase(_exp(), client, said.append)
+    future = phase.submit("a", a.checkpoint.path, callback.child_run_id("a"), "bs=32")
+    assert started.wait(10)
+    phase.close(cancel=True)  # returns once the running analysis has stopped
+    assert future.done() and isinstance(future.exception(), AnalysisCancelled)
+    assert "hessian: stopping 1 running analysis(es)" in said
+    assert ANALYZED not in client.get_run(callback.child_run_id("a")).data.tags  # resume redoes it

@@ -156,6 +156,26 @@ def test_long_solvers_say_how_far_they_have_got(problem, local_report, monkeypat
     assert not [m for m in quiet if "so far" in m]  # the default: at most every 30 s
 
 
+def test_a_stop_request_ends_the_analysis_at_the_next_product(problem, monkeypatch):
+    import threading
+
+    import orchestrator.spectra as spectra
+
+    monkeypatch.setattr(spectra, "PROGRESS_EVERY_S", 0.0)
+    model, train, test = problem
+    stop = threading.Event()
+    said: list[str] = []
+
+    def progress(msg: str) -> None:
+        said.append(msg)
+        if msg.startswith("lanczos") and "3 matvecs" in msg:
+            stop.set()  # as Ctrl-C does from the driver's thread
+
+    with pytest.raises(spectra.AnalysisCancelled, match="stopped after 3 matvecs"):
+        analyze_model(model, train, *test, SETTINGS, progress=progress, stop=stop)
+    assert not [m for m in said if "4 matvecs" in m or m.startswith("trace")]
+
+
 def test_eigenvalue_criterion_gives_the_same_top_k_with_fewer_products(problem, local_report):
     model, train, test = problem
     settings = dataclasses.replace(
