@@ -309,6 +309,7 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
         raise
     finally:
         phase.close(cancel=interrupted)
+        callback.retire()
 
 
 def _flush_after_failure(callback: Any, progress: Callable[[str], None]) -> None:

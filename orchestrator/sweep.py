@@ -10,6 +10,7 @@ from typing import Any
 from ray import tune
 from ray.tune import CheckpointConfig, FailureConfig, RunConfig
 
+from orchestrator.redact import redact_text
 from orchestrator.retention import CheckpointRetention
 from orchestrator.spec import Experiment, RobustSetting
 from orchestrator.storage import join
@@ -59,7 +60,7 @@ class SweepReporter(tune.CLIReporter):
     def _progress_str(self, trials: list, done: bool, *sys_info: str, **kwargs: Any) -> str:
         text = super()._progress_str(trials, done, *sys_info, **kwargs)
         lines = text.split("\n")
-        where = f"Sweep folder: {self.sweep_dir}"
+        where = f"Sweep folder: {redact_text(self.sweep_dir)}"
         return "\n".join(where if ln.startswith("Result logdir: ") else ln for ln in lines)
 
 

@@ -296,7 +296,19 @@ class TrackingCallback(Callback):
     @classmethod
     def live(cls, parent_run_id: str) -> TrackingCallback:
         """The callback instance Tune is using for this sweep (also after a restore)."""
+        if parent_run_id not in _LIVE:
+            raise UserInputError(
+                f"the restored sweep state holds no tracking callback for MLflow run "
+                f"{parent_run_id} (written by another version of hessweep?); start the sweep "
+                "again with `hessweep run`"
+            )
         return _LIVE[parent_run_id]
+
+    def retire(self) -> None:
+        """Forget this sweep's callback once it is driven no more (a long-lived process, such
+        as a notebook, runs many sweeps)."""
+        if _LIVE.get(self.parent_run_id) is self:
+            del _LIVE[self.parent_run_id]
 
     def child_run_id(self, trial_id: str) -> str | None:
         """The child run of a trial seen now or in an earlier (interrupted) session."""

@@ -108,7 +108,9 @@ def test_an_interrupted_fit_is_an_interruption_and_the_parent_run_is_killed(tmp_
     before = signal.getsignal(signal.SIGINT)
     tuner = SimpleNamespace(fit=fit)
     flushed = []
-    callback = SimpleNamespace(on_complete=None, flush=lambda: flushed.append(True))
+    callback = SimpleNamespace(
+        on_complete=None, flush=lambda: flushed.append(True), retire=lambda: None
+    )
     with pytest.raises(SweepInterrupted) as stop:
         _drive(_exp(), tuner, client, callback, parent, "", str(tmp_path), lambda _: None)
     assert stop.value.sweep_dir == str(tmp_path)  # where `hessweep resume` is pointed
@@ -128,7 +130,7 @@ def test_a_fit_that_raises_keeps_its_error_when_the_store_is_down_too(tmp_path):
         raise ConnectionError("store unreachable")
 
     said = []
-    callback = SimpleNamespace(on_complete=None, flush=flush)
+    callback = SimpleNamespace(on_complete=None, flush=flush, retire=lambda: None)
     with pytest.raises(SweepInterrupted):
         _drive(_exp(), SimpleNamespace(fit=fit), client, callback, parent, "", "d", said.append)
     assert any("buffered epoch metrics not written" in line for line in said)

@@ -25,3 +25,6 @@ def test_the_progress_table_names_the_sweep_folder(monkeypatch):
         "Sweep folder: /data/sweeps/t-20260101-000000",
         "Number of trials: 2/2 (2 RUNNING)",
     ]
+    secret = reporter(exp, "s3://b/t-20260101-000000?secret_key=hunter2&region=eu-west-1")
+    line = secret._progress_str([], False).split("\n")[1]
+    assert line == "Sweep folder: s3://b/t-20260101-000000?secret_key=***&region=eu-west-1"

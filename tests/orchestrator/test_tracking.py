@@ -245,3 +245,21 @@ def test_a_child_run_found_again_gets_its_params(tmp_path: Path, monkeypatch) ->
     assert [r.info.run_id for r in runs] == [restored.child_run_id("a")]  # found, not made
     params = runs[0].data.params
     assert params["batch_size"] == "32" and "lr" in params
+
+
+def test_a_sweeps_live_callback_is_found_until_retired(tmp_path: Path) -> None:
+    import pickle
+
+    from orchestrator.errors import UserInputError
+    from orchestrator.tracking import TrackingCallback
+
+    _, callback = _callback(tmp_path)
+    parent = callback.parent_run_id
+    assert TrackingCallback.live(parent) is callback
+    restored = pickle.loads(pickle.dumps(callback))  # as Tune's restore makes it
+    assert TrackingCallback.live(parent) is restored
+    callback.retire()  # not the live one any more: nothing happens
+    assert TrackingCallback.live(parent) is restored
+    restored.retire()
+    with pytest.raises(UserInputError, match=f"holds no tracking callback for MLflow run {parent}"):
+        TrackingCallback.live(parent)
