@@ -101,15 +101,23 @@ def _interrupted(stop: KeyboardInterrupt, address: str | None) -> int:
     return EXIT_INTERRUPTED
 
 
-def _spec_storage(name: str) -> str | None:
-    """The storage of the spec called ``name`` in experiments/, if there is one."""
+def _named_spec(name: str | None):
+    """The spec called ``name`` in experiments/ (or at that path), or None."""
     from orchestrator.spec import Experiment, resolve_spec
     from trainables.config import ConfigError
 
+    if not name:
+        return None
     try:
-        return Experiment.from_yaml(resolve_spec(name)).storage
+        return Experiment.from_yaml(resolve_spec(name))
     except (UserInputError, ConfigError, OSError, ValueError):
         return None
+
+
+def _spec_storage(name: str) -> str | None:
+    """The storage of the spec called ``name`` in experiments/, if there is one."""
+    spec = _named_spec(name)
+    return spec.storage if spec is not None else None
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -166,11 +174,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import ReportError, build_report
     from orchestrator.tracking import open_store, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(args.tracking_uri)
+    spec = None if args.run_id else _named_spec(args.name)
+    # like `run`: --tracking-uri, else MLFLOW_TRACKING_URI, else the spec's, else local
+    uri = resolve_tracking_uri(args.tracking_uri, spec.tracking_uri if spec else None)
     open_store(uri)  # a mistyped SQLite path is refused, not created empty
     try:
         result = build_report(
-            None if args.run_id else args.name,
+            None if args.run_id else (spec.name if spec else args.name),
             args.run_id,
             tracking_uri=uri,
             landscape=not args.no_landscape,

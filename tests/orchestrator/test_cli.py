@@ -162,3 +162,15 @@ def test_the_summary_names_the_report_command_and_the_failed_trials(capsys) -> N
     out, err = capsys.readouterr()
     assert "hessweep report demo" in out and "runs/reports/demo/table.parquet" in out
     assert "1 of 2 trial(s) failed" in err and "RuntimeError: boom" in err
+
+
+def test_report_reads_the_store_its_spec_logs_to(tmp_path, monkeypatch, capsys) -> None:
+    spec = tmp_path / "elsewhere.yaml"
+    store = tmp_path / "theirs" / "mlflow.db"
+    spec.write_text(f"name: elsewhere\nbatch_sizes: [16]\ntracking_uri: sqlite:///{store}\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["report", str(spec)]) == 2  # that store is not there yet: named, not created
+    assert f"no such store ({store})" in capsys.readouterr().err
+    other = tmp_path / "given.db"
+    assert main(["report", str(spec), "--tracking-uri", f"sqlite:///{other}"]) == 2
+    assert f"no such store ({other})" in capsys.readouterr().err  # the flag wins
