@@ -184,7 +184,8 @@ def summed_loss(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> 
 def select_params(
     model: nn.Module, params: Iterable[torch.Tensor] | dict[str, torch.Tensor] | None
 ) -> list[str]:
-    """Names of the parameters to differentiate: the trainable ones, or those given."""
+    """Names of the parameters to differentiate: the trainable ones, or those given (as
+    tensors of the model, or a dict whose keys name them; its values are not used)."""
     named = dict(model.named_parameters())
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]

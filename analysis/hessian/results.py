@@ -34,8 +34,15 @@ class EigenResult:
 
     @property
     def lambda_max(self) -> float:
-        """The largest eigenvalue found (the first one)."""
+        """The largest eigenvalue found (the first one; with ``which="smallest"`` the largest
+        of the bottom k, not the operator's)."""
         return float(self.eigenvalues[0])
+
+    @property
+    def lambda_min(self) -> float:
+        """The smallest eigenvalue found (the last one; the operator's smallest only with
+        ``which="smallest"``)."""
+        return float(self.eigenvalues[-1])
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,13 @@ def test_both_ends_need_room_for_2k_values_and_a_budget_of_2k_steps():
         lanczos_both(big, k=3, max_iter=5)
 
 
+def test_lambda_max_and_min_are_the_ends_of_what_was_found():
+    op = DenseOperator(matrix_with_spectrum(torch.linspace(-3, 5, 40)))
+    top, bottom = lanczos(op, k=2, tol=1e-10), lanczos(op, k=2, tol=1e-10, which="smallest")
+    assert top.lambda_max == pytest.approx(5.0) and bottom.lambda_min == pytest.approx(-3.0)
+    assert top.lambda_min == pytest.approx(float(torch.linspace(-3, 5, 40)[-2]))
+
+
 def test_invariant_subspaces_restart_to_find_repeated_eigenvalues():
     gen = torch.Generator().manual_seed(0)
     j = torch.randn(4, 30, generator=gen, dtype=torch.float64)
