@@ -9,6 +9,8 @@ from orchestrator.phase import HessianPhase
 from orchestrator.spec import Experiment
 from orchestrator.storage import exists, join, read_text
 from orchestrator.tracking import CHECKPOINT, PARENT, SWEEP_DIR, open_store, resolve_tracking_uri
+from trainables.checkpoint import CheckpointError
+from trainables.data import DatasetCorruptError
 
 
 def analyze_run(run_id: str, tracking_uri: str | None = None, address: str | None = None) -> None:
@@ -44,6 +46,9 @@ def analyze_run(run_id: str, tracking_uri: str | None = None, address: str | Non
         phase.submit(tags.get("hessweep.trial_id", run_id), ckpt, run_id, run.info.run_name)
         failed = phase.wait()
         if failed:  # the run is tagged with it too
-            raise next(iter(failed.values()))
+            err = next(iter(failed.values()))
+            if isinstance(err, FileNotFoundError | DatasetCorruptError | CheckpointError):
+                raise UserInputError(f"run {run_id}: {err}") from None  # data or files: fixable
+            raise err
     finally:
         phase.close()

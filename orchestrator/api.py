@@ -300,6 +300,7 @@ def _drive(exp, tuner, client, callback, parent_id, uri, sweep_dir, progress) ->
         return ExperimentResult(table, parent_id, report_dir, grid, uri, sweep_dir, timings, failed)
     except KeyboardInterrupt:
         interrupted = True
+        phase.cancel()  # first: no analysis starts while the runs are being ended
         _end_trial_runs(callback, "KILLED", progress)
         client.set_terminated(parent_id, status="KILLED")
         raise SweepInterrupted(sweep_dir) from None

@@ -51,6 +51,13 @@ def load_spec(spec: str, overrides: list[str] | None = None):
 def cmd_validate(args: argparse.Namespace) -> int:
     exp = load_spec(args.spec, args.set)
     samples = f", {exp.search.num_samples} search sample(s) each" if exp.search else ""
+    grids = {
+        key: len(dist["grid"])
+        for key, dist in (exp.search.space if exp.search else {}).items()
+        if "grid" in dist
+    }
+    if grids:
+        samples += "".join(f" x {n} {key} grid values" for key, n in grids.items())
     print(
         f"{args.spec}: valid. {exp.num_cells} trial cell(s): batch sizes {exp.batch_sizes} x "
         f"robust {[r.label for r in exp.robust]} x seeds {exp.seeds}{samples}: "
@@ -140,14 +147,22 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _summary(result: Any, wall: float) -> int:
     """Print where everything went; the exit code is 1 when any trial failed."""
+    from orchestrator.tracking import DEFAULT_TRACKING_URI
+
     t = result.timings
+    store = (
+        ""
+        if result.tracking_uri == DEFAULT_TRACKING_URI
+        else f" --tracking-uri {redact_text(result.tracking_uri)}"
+    )
     print(
         f"\nwall time {wall:.1f}s (training {t.get('training_s', 0):.1f}s, Hessian "
         f"{t.get('hessian_s', 0):.1f}s, tracking {t.get('tracking_s', 0):.1f}s)\n"
         f"table: {result.report_dir}/table.parquet and table.md\n"
         f"MLflow parent run {result.parent_run_id} at {redact_text(result.tracking_uri)}\n"
-        "open the UI with: hessweep ui   (then http://127.0.0.1:5000)\n"
-        f"the paper's tables, figures and findings: hessweep report {Path(result.report_dir).name}"
+        f"open the UI with: hessweep ui{store}   (then http://127.0.0.1:5000)\n"
+        "the paper's tables, figures and findings: "
+        f"hessweep report {Path(result.report_dir).name}{store}"
     )
     if not result.failed_trials:
         return 0

@@ -109,21 +109,29 @@ class HessianPhase:
 
     def _analyse_or_tag(self, trial_id: str, checkpoint_path: str, run_id: str, label: str):
         """``_analyse``; a failure is tagged on the trial's run (resume tries it again) and
-        raised for ``wait``."""
+        raised for ``wait``. A run analysed before keeps ``analyzed=true`` and its metrics
+        (``hessweep analyze`` failing on another machine): only the error is added."""
+        if self._stop.is_set():
+            raise AnalysisCancelled(f"{label}: not started")
         try:
             self._analyse(trial_id, checkpoint_path, run_id, label)
-            if ANALYSIS_ERROR in self.client.get_run(run_id).data.tags:  # an earlier try's
-                self.client.delete_tag(run_id, ANALYSIS_ERROR)
         except AnalysisCancelled:
             raise  # not a failure of the model: resume analyses it
         except Exception as err:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            why = f"{type(err).__name__}: {lines[-1] if lines else ''}"[:500]
+            tags = {ANALYSIS_ERROR: f"{type(err).__name__}: {lines[-1] if lines else ''}"[:500]}
             try:
-                log_batch(self.client, run_id, tags={ANALYZED: "failed", ANALYSIS_ERROR: why})
+                if self.client.get_run(run_id).data.tags.get(ANALYZED) != "true":
+                    tags[ANALYZED] = "failed"
+                log_batch(self.client, run_id, tags=tags)
             except Exception as tag_err:  # the store is down too: the analysis error counts
                 self.progress(f"hessian: {label}: failure not tagged on its run ({tag_err})")
             raise
+        try:
+            if ANALYSIS_ERROR in self.client.get_run(run_id).data.tags:  # an earlier try's
+                self.client.delete_tag(run_id, ANALYSIS_ERROR)
+        except Exception as err:  # the analysis is logged; a stale error tag is no failure
+            self.progress(f"hessian: {label}: old {ANALYSIS_ERROR} tag not removed ({err})")
 
     def _analyse(self, trial_id: str, checkpoint_path: str, run_id: str, label: str) -> None:
         start = time.perf_counter()
@@ -170,11 +178,15 @@ class HessianPhase:
                 failed[trial_id] = err
         return failed
 
+    def cancel(self) -> None:
+        """Ask running analyses to stop at their next weight-Hessian product (or before their
+        input Hessians) and queued ones not to start; their runs stay unanalysed for resume."""
+        self._stop.set()
+
     def close(self, cancel: bool = False) -> None:
-        """Stop the executor and the actors; ``cancel`` drops analyses not yet started and
-        ends running ones at their next product (their runs stay unanalysed for resume)."""
+        """Stop the executor and the actors; ``cancel`` (see ``cancel``) first."""
         if cancel:
-            self._stop.set()
+            self.cancel()
             running = sum(1 for f in self._futures.values() if f.running())
             if running:
                 self.progress(f"hessian: stopping {running} running analysis(es)")

@@ -229,8 +229,8 @@ def analyze_model(
     ``pool_or_data`` is a ``HessianPool`` over the training set or the training data itself
     ((x, y) tensors, a Dataset or an iterable of batches). Input-Hessian samples are solved
     in blocks of ``INPUT_BLOCK`` seeded per block, identically on a pool and locally.
-    Setting ``stop`` ends the weight-Hessian solvers at their next product
-    (``AnalysisCancelled``).
+    Setting ``stop`` ends the weight-Hessian solvers at their next product, or the analysis
+    before its input Hessians (``AnalysisCancelled``).
     """
     settings = settings or HessianSettings()
     say = progress or (lambda _msg: None)
@@ -301,6 +301,8 @@ def analyze_model(
             )
         if pool is not None:
             op.close()
+        if stop is not None and stop.is_set():
+            raise AnalysisCancelled("stopped before the input Hessians")
         n_in = min(settings.input_samples, int(test_x.shape[0]))
         eig_max = eig_min = _frozen([])
         in_conv = np.zeros(0, dtype=bool)

@@ -266,9 +266,12 @@ class TrackingCallback(Callback):
     state, so a restored sweep reconnects, finds each trial's child run by tag and
     continues it. Per-epoch metrics are buffered and written every ``FLUSH_SECONDS``, when
     a trial ends, when Tune snapshots the experiment (so a snapshot never records a
-    checkpoint past what MLflow holds) and when the experiment ends (``flush``). A write
-    that fails before the end only warns: Tune ends the whole sweep on a callback's error,
-    so the metrics wait for the next write instead.
+    checkpoint past what MLflow and the snapshot itself hold) and when the experiment ends
+    (``flush``). A write of epoch metrics that fails before the end only warns (Tune ends
+    the whole sweep on a callback's error), so they wait for the next write. Creating and
+    ending a trial's run still need the store: MLflow's own retries (7 with backoff, about
+    4 minutes) bridge a server's brief outage; a longer one ends the sweep, which
+    ``resume`` continues.
     """
 
     def __init__(
@@ -408,15 +411,31 @@ class TrackingCallback(Callback):
             text = redact_text(str(err).splitlines()[0][:300] if str(err) else "")
             print(
                 f"hessweep: warning: MLflow write failed ({type(err).__name__}: {text}); the "
-                "epoch metrics are kept and written again later",
+                "epoch metrics are kept and written again later (a trial's start and end "
+                "still need the store)",
                 file=sys.stderr,
                 flush=True,
             )
 
-    def get_state(self) -> None:
+    def get_state(self) -> dict[str, Any] | None:
         """Called at each of Tune's experiment snapshots: write what is buffered first (a
-        resumed trial restarts from the snapshot's checkpoint). No state of its own."""
+        resumed trial restarts from the snapshot's checkpoint). What a failed write left in
+        the buffer is the state, saved with the snapshot and put back by ``set_state``, so
+        a driver that dies during an outage loses no epoch."""
         self._timed(self._flush_or_warn)
+        if not self._pending:
+            return None
+        return {
+            "pending": {
+                rid: [(m.key, m.value, m.timestamp, m.step) for m in metrics]
+                for rid, metrics in self._pending.items()
+            }
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Put back the epochs a snapshot saved unwritten (``get_state``)."""
+        for rid, rows in (state or {}).get("pending", {}).items():
+            self._pending.setdefault(rid, []).extend(Metric(k, v, t, s) for k, v, t, s in rows)
 
     def flush(self, run_id: str | None = None) -> None:
         """Write the buffered per-epoch metrics (of one run, or of all), one request a run;

@@ -331,3 +331,38 @@ def test_cancelling_the_phase_stops_running_analyses_without_tagging_them_failed
     assert future.done() and isinstance(future.exception(), AnalysisCancelled)
     assert "hessian: stopping 1 running analysis(es)" in said
     assert ANALYZED not in client.get_run(callback.child_run_id("a")).data.tags  # resume redoes it
+
+
+def test_the_phase_hands_its_stop_to_every_analysis_and_keeps_an_earlier_result(
+    tmp_path, monkeypatch
+):
+    import orchestrator.phase as phase_module
+    from orchestrator.phase import ANALYSIS_ERROR, ANALYZED, HessianPhase
+    from orchestrator.tracking import log_batch
+
+    monkeypatch.chdir(tmp_path)
+    client, callback, _parent, _uri = _sweep(tmp_path)
+    a = _trial("a", 32, tmp_path)
+    callback.on_trial_start(0, [a], a)
+    run = callback.child_run_id("a")
+    log_batch(client, run, tags={ANALYZED: "true"})  # analysed in the sweep itself
+    seen = {}
+
+    def analyze_model(*args, stop=None, **kwargs):
+        seen["stop"] = stop
+        raise FileNotFoundError("no digits here")  # e.g. `hessweep analyze` on another machine
+
+    monkeypatch.setattr(phase_module, "analyze_model", analyze_model)
+    monkeypatch.setattr(
+        phase_module,
+        "load_trained",
+        lambda path: SimpleNamespace(model=None, train_data=None, test_data=[]),
+    )
+    monkeypatch.setattr(HessianPhase, "pool", lambda self, data: None)
+    phase = HessianPhase(_exp(), client)
+    phase.submit("a", a.checkpoint.path, run, "bs=32")
+    failed = phase.wait()
+    phase.close()
+    assert seen["stop"] is phase._stop and isinstance(failed["a"], FileNotFoundError)
+    tags = client.get_run(run).data.tags
+    assert tags[ANALYZED] == "true" and "no digits here" in tags[ANALYSIS_ERROR]

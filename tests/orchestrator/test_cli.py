@@ -160,8 +160,13 @@ def test_the_summary_names_the_report_command_and_the_failed_trials(capsys) -> N
     )
     assert _summary(result, 5.0) == 1
     out, err = capsys.readouterr()
-    assert "hessweep report demo" in out and "runs/reports/demo/table.parquet" in out
+    assert "hessweep report demo\n" in out and "runs/reports/demo/table.parquet" in out
     assert "1 of 2 trial(s) failed" in err and "RuntimeError: boom" in err
+    result.tracking_uri = "http://user:pw@tracker:5000"  # another store: the hint names it
+    _summary(result, 5.0)
+    out = capsys.readouterr().out
+    assert "hessweep report demo --tracking-uri http://user:***@tracker:5000" in out
+    assert "hessweep ui --tracking-uri http://user:***@tracker:5000" in out
 
 
 def test_report_reads_the_store_its_spec_logs_to(tmp_path, monkeypatch, capsys) -> None:

@@ -104,3 +104,36 @@ def test_analyze_of_a_run_whose_checkpoint_cannot_be_opened_is_bad_input(tmp_pat
     err = capsys.readouterr().err
     assert f"the checkpoint of run {run} ftp://x/t/checkpoint_000001" in err
     assert "Traceback" not in err
+
+
+def test_analyze_of_a_run_whose_data_is_damaged_is_bad_input(tmp_path, capsys, monkeypatch):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    import orchestrator.api
+    from orchestrator.cli import main
+    from orchestrator.phase import HessianPhase
+    from orchestrator.spec import Experiment
+    from orchestrator.tracking import CHECKPOINT, PARENT, SWEEP_DIR
+    from trainables.data import DatasetCorruptError
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("a")
+    sweep = tmp_path / "sweep"
+    (sweep / "checkpoint_000001").mkdir(parents=True)
+    spec = Experiment.from_dict({"name": "a", "batch_sizes": [16]})
+    (sweep / "hessweep.json").write_text(json.dumps({"spec": json.loads(spec.model_dump_json())}))
+    parent = client.create_run(exp_id, tags={SWEEP_DIR: str(sweep)}).info.run_id
+    tags = {CHECKPOINT: str(sweep / "checkpoint_000001"), PARENT: parent}
+    run = client.create_run(exp_id, tags=tags).info.run_id
+
+    def damaged(self, *args):
+        raise DatasetCorruptError("cifar10 files in /data exist but torchvision rejected them")
+
+    monkeypatch.setattr(orchestrator.api, "_init_ray", lambda *a, **kw: None)
+    monkeypatch.setattr(HessianPhase, "_analyse", damaged)
+    assert main(["analyze", run, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert f"run {run}: cifar10 files in /data exist" in err and "Traceback" not in err

@@ -263,3 +263,31 @@ def test_a_sweeps_live_callback_is_found_until_retired(tmp_path: Path) -> None:
     restored.retire()
     with pytest.raises(UserInputError, match=f"holds no tracking callback for MLflow run {parent}"):
         TrackingCallback.live(parent)
+
+
+def test_a_snapshot_taken_during_an_outage_carries_the_unwritten_epochs(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import pickle
+
+    from orchestrator import tracking
+
+    client, callback = _callback(tmp_path)
+    a = _Trial("a")
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", 3600.0)
+    callback.on_trial_result(0, [a], a, {"epoch": 1, "train/loss": 1.0})
+    run = callback.child_run_id("a")
+    real = tracking.log_batch
+
+    def down(*args, **kwargs):
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(tracking, "log_batch", down)
+    state = callback.get_state()  # Tune saves this with its snapshot; then the driver dies
+    assert state is not None and [row[3] for row in state["pending"][run]] == [1]
+    monkeypatch.setattr(tracking, "log_batch", real)
+    restored = pickle.loads(pickle.dumps(callback))  # the next session's callback
+    restored.set_state(state)
+    restored.flush()
+    assert _history(client, run) == [(1, 1.0)]
+    assert restored.get_state() is None  # all written: no state to keep
