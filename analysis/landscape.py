@@ -69,8 +69,9 @@ class Landscape2D:
 def full_loss(loss_fn: LossFn, data: Batches) -> LossAt:
     """``loss_at(model)``: the mean loss over every sample of ``data`` (read once), eval mode.
 
-    Batches of unequal size are weighted by ``n_batch / N``, so the result is the exact
-    mean whatever the batching.
+    Batches of unequal size are weighted by ``n_batch / N`` (a class-weighted or
+    ``ignore_index`` mean by its targets' weights), so the result is the exact mean
+    whatever the batching.
     """
     batches = list(data)
     total = sum(int(x.shape[0]) for x, _ in batches)

@@ -170,11 +170,14 @@ class ShardActor:
 
     def prepare(
         self, recipe: OperatorRecipe, shard: list[ray.ObjectRef]
-    ) -> tuple[int, torch.dtype, int]:
-        """Build the operator; return its size, dtype and this shard's sample count."""
+    ) -> tuple[int, torch.dtype, int, float, bool]:
+        """Build the operator; return its size, dtype, this shard's sample count and, for a
+        weighted-mean loss (class weights, ignored targets), the shard's total weight
+        (else the count of its targets, which is that of a plain mean), and which it was."""
         self._load(shard)
         op = self._operator(recipe)
-        return op.size, op.dtype, self.num_samples
+        weight = op.weight_total if op.weight_total is not None else float(self.y.numel())
+        return op.size, op.dtype, self.num_samples, weight, op.weight_total is not None
 
     def matvec(
         self, recipe: OperatorRecipe, v: torch.Tensor, shard: list[ray.ObjectRef]
@@ -240,6 +243,7 @@ class ShardedWeightHessian:
         dtype: torch.dtype,
         num_samples: int,
         owns_model: bool,
+        rescale: list[float] | None = None,
     ) -> None:
         self.pool = pool
         self.recipe = recipe
@@ -248,6 +252,7 @@ class ShardedWeightHessian:
         self.device = torch.device("cpu")
         self.num_samples = num_samples
         self.owns_model = owns_model
+        self.rescale = rescale  # per shard, for a weighted-mean loss (see weight_hessian)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Exact Hessian-vector product ``H v`` of the mean loss over the whole data set."""
@@ -264,6 +269,8 @@ class ShardedWeightHessian:
                 for a, shard in zip(self.pool.actors, self.pool.shard_refs, strict=True)
             ]
         )
+        if self.rescale is not None:
+            parts = [part * factor for part, factor in zip(parts, self.rescale, strict=True)]
         total = parts[0]
         for part in parts[1:]:
             total = total + part
@@ -372,11 +379,16 @@ class HessianPool:
                 for a, shard in zip(self.actors, self.shard_refs, strict=True)
             ]
         )
-        size, op_dtype, _ = infos[0]
+        size, op_dtype = infos[0][:2]
         if any(info[0] != size for info in infos):
             raise RuntimeError(f"actors disagree on the operator size: {[i[0] for i in infos]}")
         total = sum(info[2] for info in infos)
-        return ShardedWeightHessian(self, recipe, size, op_dtype, total, owns)
+        rescale = None
+        if any(info[4] for info in infos):
+            # a weighted mean over all the data: shard s counts W_s / W, not n_s / N
+            weight = sum(info[3] for info in infos)
+            rescale = [(info[3] / weight) / (info[2] / total) for info in infos]
+        return ShardedWeightHessian(self, recipe, size, op_dtype, total, owns, rescale)
 
     def input_hessian(
         self,

@@ -208,6 +208,18 @@ class HessianSpec(_Strict):
     gpus_per_actor: StrictFloat = Field(0.0, ge=0.0)
     seed: StrictInt = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _room_for_every_eigenvalue(self) -> HessianSpec:
+        """Lanczos needs a step per eigenvalue asked for: ``top_k``, and both ends of each
+        input Hessian (``2 input_k``); found here, not after the training."""
+        need = max(self.top_k, 2 * self.input_k)
+        if self.max_iter is not None and self.max_iter < need:
+            raise ValueError(
+                f"max_iter {self.max_iter} is below the {need} eigenvalues asked for (top_k, "
+                f"or 2 x input_k for the input Hessians' two ends); give max_iter >= {need}"
+            )
+        return self
+
 
 class Resources(_Strict):
     """Ray resources of one trial (fractional GPUs allowed)."""

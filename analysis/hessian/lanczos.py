@@ -307,7 +307,7 @@ def batched_lanczos(
                 # for tol=1e-8): the true residuals must meet it too, within a factor 2.
                 held = _true_rule_holds(
                     theta[f], ritz_res[f], cols, true.flip(1), tol, scale[f], criterion
-                )
+                ) & (criterion == "residual" or tol >= _unit_roundoff(dtype))
                 out_limited[orig] = done[f] & ~held
                 out_conv[orig] = done[f] & held
         if last or bool(finish.all()):
@@ -346,6 +346,12 @@ def batched_lanczos(
         krylov=out_krylov,
         rounding_limited=out_limited,
     )
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the machine epsilon: below it no eigenvalue of an operator in ``dtype`` can be
+    certified by error estimates that assume exact products."""
+    return torch.finfo(dtype).eps / 2
 
 
 def _true_rule_holds(
@@ -402,9 +408,11 @@ def lanczos(
     (fewer products when the eigenvectors matter less). The returned residuals are the true
     ``||A x - lambda x||``, from the kept products (no extra product), and the rule must
     hold on them too (within a factor 2): a float32 operator asked for residuals below its
-    own rounding says so instead of passing on its estimates. (The eigenvalue criterion's
-    error estimates assume exact products: below a float32 operator's rounding, about
-    1e-7 relative, use a float64 one.) A run that hit ``max_iter``
+    own rounding says so instead of passing on its estimates, and so does the eigenvalue
+    criterion asked for a ``tol`` below the products' unit roundoff (its error estimates
+    assume exact products). These are residuals of the operator's own products: a float32
+    product can itself be 1e-4 off the exact Hessian's, so for a tight ``tol`` use a
+    float64 operator. A run that hit ``max_iter``
     warns and says so. ``min_iter`` runs at least that many steps, so that
     ``slq_density(reuse=result)`` can take the run as a probe of that many steps.
     """
@@ -429,7 +437,16 @@ def lanczos(
     vectors = out.eigenvectors[0]
     residuals = out.true_residuals[0]
     converged = bool(out.converged[0])
-    if not converged and bool(out.rounding_limited[0]):
+    if not converged and criterion == "eigenvalue" and tol < _unit_roundoff(op.dtype):
+        warnings.warn(
+            f"lanczos: tol {tol:g} is below the unit roundoff of the {op.dtype} products "
+            f"({_unit_roundoff(op.dtype):.2g}): no eigenvalue error that small can be "
+            "certified. Use a float64 operator (dtype=torch.float64) or raise tol. The result "
+            "is marked converged=False.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    elif not converged and bool(out.rounding_limited[0]):
         warnings.warn(
             f"lanczos: the Ritz estimates met tol {tol:g} but the true residuals "
             f"(largest {float(residuals.max()):.3g}) do not: the {op.dtype} products round "

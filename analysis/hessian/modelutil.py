@@ -108,7 +108,7 @@ def mean_loss(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> to
     (``"none"``, or a plain function's per-sample losses) is averaged over all its elements:
     a plain function's scalar is taken as a mean, since it cannot say otherwise.
     """
-    loss = loss_fn(output, target)
+    loss = matched_loss(loss_fn, output)(output, target)
     reduction = getattr(loss_fn, "reduction", "mean")
     if loss.dim() > 0 or reduction == "none":
         return loss.mean()
@@ -130,11 +130,31 @@ def sample_weights(loss_fn: LossFn, target: torch.Tensor) -> torch.Tensor | None
     ignored = target == loss_fn.ignore_index
     if loss_fn.weight is None and not bool(ignored.any()):
         return None
+    # float64 on the CPU (some devices have no float64); targets are small
+    ignored, target = ignored.cpu(), target.cpu()
     if loss_fn.weight is None:
-        w = torch.ones(target.shape, dtype=torch.float64, device=target.device)
+        w = torch.ones(target.shape, dtype=torch.float64)
     else:
-        w = loss_fn.weight.detach().double().to(target.device)[target.masked_fill(ignored, 0)]
+        w = loss_fn.weight.detach().cpu().double()[target.masked_fill(ignored, 0)]
     return w.masked_fill(ignored, 0.0)
+
+
+def matched_loss(loss_fn: LossFn, output: torch.Tensor) -> LossFn:
+    """``loss_fn``, or a copy whose floating tensors (class weights, ``pos_weight``) are in
+    the output's dtype and on its device: float32 class weights on a float64 model's
+    outputs are otherwise an error. The caller's module is never changed."""
+    if not isinstance(loss_fn, nn.Module):
+        return loss_fn
+    moved = {
+        name: t.to(dtype=output.dtype, device=output.device)
+        for name, t in loss_fn.named_buffers(recurse=False)
+        if t.is_floating_point() and (t.dtype != output.dtype or t.device != output.device)
+    }
+    if not moved:
+        return loss_fn
+    copied = copy.copy(loss_fn)
+    copied._buffers = {**loss_fn._buffers, **moved}  # a copy's own dict, not the caller's
+    return copied
 
 
 def weight_total(loss_fn: LossFn, targets: Iterable[torch.Tensor]) -> float | None:
@@ -157,7 +177,7 @@ def weight_total(loss_fn: LossFn, targets: Iterable[torch.Tensor]) -> float | No
 
 def summed_terms(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``loss_fn`` with ``reduction="sum"``: the numerator of its weighted mean."""
-    as_sum = copy.copy(loss_fn)
+    as_sum = copy.copy(matched_loss(loss_fn, output))
     as_sum.reduction = "sum"
     return as_sum(output, target)
 
@@ -175,10 +195,10 @@ def summed_loss(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> 
             f"samples {bad[:5]} have only ignored targets (ignore_index) or targets of a class "
             "with weight 0: their own loss is 0/0; leave them out"
         )
-    as_none = copy.copy(loss_fn)
+    as_none = copy.copy(matched_loss(loss_fn, output))
     as_none.reduction = "none"
     terms = as_none(output, target).reshape(len(target), -1).sum(dim=1)
-    return (terms / per_sample.to(terms.dtype)).sum()
+    return (terms / per_sample.to(dtype=terms.dtype, device=terms.device)).sum()
 
 
 def select_params(

@@ -128,6 +128,12 @@ class WeightHessian:
                     f"data batch {i} is not an (x, y) pair: got {type(batch).__name__}"
                 )
             x, y = batch[0], batch[1]
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                raise ValueError(
+                    f"data batch {i} is not a pair of tensors (x {type(x).__name__}, y "
+                    f"{type(y).__name__}): a Dataset's samples are not batches; wrap it in a "
+                    "DataLoader"
+                )
             if x.dim() == 0 or y.dim() == 0:
                 raise ValueError(
                     f"data batch {i} holds a single sample without a batch dimension (x "

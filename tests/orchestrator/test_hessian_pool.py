@@ -78,6 +78,19 @@ def test_matvec_equals_local(pool, data, make_model):
     assert model.training, "the caller's model mode must be left alone"
 
 
+def test_a_class_weighted_loss_is_the_whole_datas_weighted_mean_across_shards(pool, data):
+    model = make_mlp()
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([0.2, 5.0, 5.0]))  # float32 weights
+    shard_weights = [
+        float(weighted.weight[data[1][a:b]].sum()) for a, b in ((0, 17), (17, 34), (34, 50))
+    ]
+    assert max(shard_weights) / min(shard_weights) > 1.2  # shards weigh unlike their sizes
+    with pool.weight_hessian(model, loss_fn=weighted) as op:
+        ref = WeightHessian(model, weighted, [data])
+        v = torch.randn(op.size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        assert close(op.matvec(v), ref.matvec(v))
+
+
 def test_float32_model_analysed_in_float64(pool, data):
     model = make_mlp().float()
     with pool.weight_hessian(model, dtype=torch.float64) as op:

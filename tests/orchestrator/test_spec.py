@@ -145,6 +145,8 @@ BAD = [
     ({"search": {"space": {"lr": {"loguniform": [0.1, 0.01]}}}}, "lower bound must come first"),
     ({"search": {"space": {"lr": {"quniform": [0.1, 0.5, 0]}}}}, "step q must be > 0"),
     ({"search": {"space": {"lr": {"uniform": ["1e-4x", "1e-2"]}}}}, "bounds must be numbers"),
+    ({"hessian": {"top_k": 5, "max_iter": 3}}, "max_iter 3 is below the 5 eigenvalues"),
+    ({"hessian": {"input_k": 3, "max_iter": 5}}, "max_iter 5 is below the 6 eigenvalues"),
     ({"search": {"space": {"lr": {"quniform": [0.015, 0.1, 0.01]}}}}, "multiples of q"),
     ({"search": {"space": {"lr": {"quniform": [0.0, 0.1, 0.01]}}}}, "search.space.lr: got 0"),
     # ... and in every grid cell, not only the first (batch_sizes[0] is 64 here)

@@ -62,10 +62,20 @@ def test_cnn_with_batchnorm_and_batching_does_not_change_answers():
 def test_a_class_weighted_loss_gives_each_sample_own_loss_hessian():
     model = make_mlp(act=nn.Tanh)
     x, y = make_data(12, (6,))
-    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0, 10.0], dtype=torch.float64))
-    exact = dense_input_spectra(model, x, y, weighted)  # the weight cancels in one sample's mean
-    got = input_hessian_eigenvalues(model, weighted, x, y, k=1, tol=1e-10)
-    torch.testing.assert_close(got[:, 0], exact[:, -1], rtol=1e-7, atol=1e-10)
+    weights = torch.tensor([1.0, 5.0, 10.0], dtype=torch.float64)
+    for weighted in (
+        nn.CrossEntropyLoss(weight=weights),  # the weight cancels in one sample's mean
+        nn.CrossEntropyLoss(weight=weights, label_smoothing=0.2),  # and here it does not
+        nn.CrossEntropyLoss(weight=weights.float(), label_smoothing=0.2),  # float32 weights
+    ):
+        exact = dense_input_spectra(
+            model,
+            x,
+            y,
+            nn.CrossEntropyLoss(weight=weights, label_smoothing=weighted.label_smoothing),
+        )
+        got = input_hessian_eigenvalues(model, weighted, x, y, k=1, tol=1e-10)
+        torch.testing.assert_close(got[:, 0], exact[:, -1], rtol=1e-7, atol=1e-10)
     y = y.clone()
     y[3] = -100
     with pytest.raises(ValueError, match=r"samples \[3\] have only ignored targets"):

@@ -103,6 +103,9 @@ def test_a_tolerance_below_float32_rounding_is_not_reported_as_met():
         res = lanczos(op32, k=2, tol=1e-9)
     assert not res.converged and float(res.residuals.max()) > 2e-9 * 9.0
     assert lanczos(op32, k=2, tol=1e-5).converged  # above the rounding: met
+    with pytest.warns(ConvergenceWarning, match="below the unit roundoff"):
+        assert not lanczos(op32, k=2, tol=1e-10, criterion="eigenvalue").converged
+    assert lanczos(op32, k=2, tol=1e-7, criterion="eigenvalue").converged
     op64 = DenseOperator(op32.matrix.double())
     assert lanczos(op64, k=2, tol=1e-9).converged
 
@@ -127,6 +130,22 @@ def test_power_iteration_is_converged_only_where_its_true_residuals_meet_the_rul
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         rough = power_iteration(op, k=3, tol=1e-3, seed=seed, max_iter=3)
     assert not rough.converged
+
+
+def test_power_iteration_says_when_its_final_pairs_miss_the_rule(monkeypatch):
+    import analysis.hessian.power as power
+
+    op = DenseOperator(matrix_with_spectrum(torch.linspace(-1, 9, 60), seed=2))
+    real = power._rayleigh_ritz
+
+    def worse(op, vecs):  # as if the rotation had raised every residual tenfold
+        vals, vectors, residuals = real(op, vecs)
+        return vals, vectors, residuals * 10 + 1e-2
+
+    monkeypatch.setattr(power, "_rayleigh_ritz", worse)
+    with pytest.warns(ConvergenceWarning, match="not on the final pairs' true residuals"):
+        res = power_iteration(op, k=2, tol=1e-3)
+    assert not res.converged
 
 
 def test_both_ends_need_room_for_2k_values_and_a_budget_of_2k_steps():

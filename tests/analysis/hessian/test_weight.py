@@ -147,6 +147,8 @@ def test_clear_errors():
         WeightHessian(model, CE, [(x, y)], cache_bytes=-1)
     with pytest.raises(ValueError, match=r"without a batch dimension .* DataLoader"):
         WeightHessian(model, CE, list(TensorDataset(x, y)))  # samples, not batches
+    with pytest.raises(ValueError, match=r"not a pair of tensors \(x Tensor, y int\)"):
+        WeightHessian(model, CE, [(x[0], 1)])  # a torchvision-style (image, label) sample
     weight = model[0].weight
     with pytest.raises(ValueError, match=r"params\[1\] repeats params\[0\] \('0.weight'\)"):
         WeightHessian(model, CE, [(x, y)], params=[weight, weight])
@@ -170,6 +172,18 @@ def test_a_class_weighted_mean_is_the_whole_datas_whatever_the_chunks(mlp_proble
                 torch.testing.assert_close(op.matvec(u), dense @ u, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="every target is ignored"):
         WeightHessian(model, CE, [(x, torch.full_like(y, -100))])
+
+
+def test_float32_class_weights_serve_a_float64_operator():
+    model = make_mlp().float()
+    x, y = make_data(20, (6,))
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0, 10.0]))  # float32, as usual
+    op = WeightHessian(model, weighted, [(x.float(), y)], dtype=torch.float64, chunk_size=7)
+    as64 = nn.CrossEntropyLoss(weight=weighted.weight.double())
+    dense = dense_weight_hessian(make_mlp(), x.float().double(), y, as64)
+    v = _random_vectors(op.size, 1)[0]
+    torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+    assert weighted.weight.dtype == torch.float32  # the caller's loss is left alone
 
 
 def _batches_of(x: torch.Tensor, y: torch.Tensor):
