@@ -303,6 +303,15 @@ def test_one_failed_analysis_keeps_the_others_and_the_table(tmp_path, monkeypatc
     assert tags[ANALYZED] == "true" and "hessweep.analysis_error" not in tags
 
 
+def _one_started_trial(tmp_path, monkeypatch):
+    """A sweep's store and callback with one started trial ``a`` (batch 32)."""
+    monkeypatch.chdir(tmp_path)
+    client, callback, _parent, _uri = _sweep(tmp_path)
+    a = _trial("a", 32, tmp_path)
+    callback.on_trial_start(0, [a], a)
+    return client, callback, a
+
+
 def test_cancelling_the_phase_stops_running_analyses_without_tagging_them_failed(
     tmp_path, monkeypatch
 ):
@@ -311,10 +320,7 @@ def test_cancelling_the_phase_stops_running_analyses_without_tagging_them_failed
     from orchestrator.phase import ANALYZED, HessianPhase
     from orchestrator.spectra import AnalysisCancelled
 
-    monkeypatch.chdir(tmp_path)
-    client, callback, _parent, _uri = _sweep(tmp_path)
-    a = _trial("a", 32, tmp_path)
-    callback.on_trial_start(0, [a], a)
+    client, callback, a = _one_started_trial(tmp_path, monkeypatch)
     started = threading.Event()
 
     def analyse(self, trial_id, checkpoint_path, run_id, label):
@@ -340,10 +346,7 @@ def test_the_phase_hands_its_stop_to_every_analysis_and_keeps_an_earlier_result(
     from orchestrator.phase import ANALYSIS_ERROR, ANALYZED, HessianPhase
     from orchestrator.tracking import log_batch
 
-    monkeypatch.chdir(tmp_path)
-    client, callback, _parent, _uri = _sweep(tmp_path)
-    a = _trial("a", 32, tmp_path)
-    callback.on_trial_start(0, [a], a)
+    client, callback, a = _one_started_trial(tmp_path, monkeypatch)
     run = callback.child_run_id("a")
     log_batch(client, run, tags={ANALYZED: "true"})  # analysed in the sweep itself
     seen = {}
