@@ -19,7 +19,7 @@ import pandas as pd
 import ray
 from mlflow.exceptions import MlflowException
 
-from orchestrator.errors import NothingToDo, SweepInterrupted, UserInputError
+from orchestrator.errors import NothingToDo, SweepInterrupted, UserInputError, last_line
 from orchestrator.phase import HessianPhase
 from orchestrator.redact import redact_text
 from orchestrator.results import build_table, save_table, to_markdown, trial_row
@@ -355,10 +355,8 @@ def _log_timings(client, parent_id: str, timings: dict[str, float]) -> None:
 
 
 def _error_summary(error: BaseException) -> str:
-    """The last non-empty line of an error's text: Ray puts the trial's own error last,
-    after its traceback."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:300]
+    """The last non-empty line of an error's text (``last_line``), else its type's name."""
+    return (last_line(error) or type(error).__name__)[:300]
 
 
 def _final_metrics(client, run_id: str) -> dict[str, float]:

@@ -51,13 +51,7 @@ def load_spec(spec: str, overrides: list[str] | None = None):
 def cmd_validate(args: argparse.Namespace) -> int:
     exp = load_spec(args.spec, args.set)
     samples = f", {exp.search.num_samples} search sample(s) each" if exp.search else ""
-    grids = {
-        key: len(dist["grid"])
-        for key, dist in (exp.search.space if exp.search else {}).items()
-        if "grid" in dist
-    }
-    if grids:
-        samples += "".join(f" x {n} {key} grid values" for key, n in grids.items())
+    samples += "".join(f" x {n} {key} grid values" for key, n in exp.search_grids.items())
     print(
         f"{args.spec}: valid. {exp.num_cells} trial cell(s): batch sizes {exp.batch_sizes} x "
         f"robust {[r.label for r in exp.robust]} x seeds {exp.seeds}{samples}: "

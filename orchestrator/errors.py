@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def last_line(error: BaseException) -> str:
+    """The last non-empty line of an error's text ("" for none): Ray puts a trial's or an
+    actor's own error last, after its traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 class UserInputError(ValueError):
     """Bad input from the user: the message names the field, the value and the fix."""
 

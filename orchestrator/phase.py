@@ -17,6 +17,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from orchestrator.artifacts import write_spectrum_files
+from orchestrator.errors import last_line
 from orchestrator.hessian_pool import HessianPool
 from orchestrator.spec import Experiment
 from orchestrator.spectra import (
@@ -118,8 +119,7 @@ class HessianPhase:
         except AnalysisCancelled:
             raise  # not a failure of the model: resume analyses it
         except Exception as err:
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            tags = {ANALYSIS_ERROR: f"{type(err).__name__}: {lines[-1] if lines else ''}"[:500]}
+            tags = {ANALYSIS_ERROR: f"{type(err).__name__}: {last_line(err)}"[:500]}
             try:
                 if self.client.get_run(run_id).data.tags.get(ANALYZED) != "true":
                     tags[ANALYZED] = "failed"

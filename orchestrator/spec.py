@@ -403,18 +403,18 @@ class Experiment(_Strict):
         return len(self.batch_sizes) * len(self.robust) * len(self.seeds)
 
     @property
+    def search_grids(self) -> dict[str, int]:
+        """The number of values of each search key given as a ``grid``."""
+        space = self.search.space if self.search else {}
+        return {key: len(dist["grid"]) for key, dist in space.items() if "grid" in dist}
+
+    @property
     def num_trials(self) -> int:
         """Trials Tune runs: each cell once per search sample and per combination of the
         search space's ``grid`` values (Tune repeats every grid in each sample)."""
         if self.search is None:
             return self.num_cells
-        grid_sizes = [
-            len(args)
-            for dist in self.search.space.values()
-            for kind, args in dist.items()
-            if kind == "grid"
-        ]
-        return self.num_cells * self.search.num_samples * math.prod(grid_sizes)
+        return self.num_cells * self.search.num_samples * math.prod(self.search_grids.values())
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Experiment:

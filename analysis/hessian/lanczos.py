@@ -267,9 +267,7 @@ def batched_lanczos(
         if criterion == "residual":
             wanted_ok = (ritz_res[:, cols] <= tol_abs[:, None]).all(dim=1) & (m >= kk)
         else:
-            bound = eigenvalue_error_bounds(theta, ritz_res, cols)
-            allowed = tol * torch.maximum(theta[:, cols].abs(), 1e-2 * scale[:, None])
-            wanted_ok = (bound <= allowed).all(dim=1) & (m > kk)
+            wanted_ok = _eigenvalue_rule(theta, ritz_res, cols, tol, scale) & (m > kk)
         restarted = block_start > 0
         check_block = restarted | breakdown
         block_ok = _block_rule(theta, vecs, ritz_res, block_start, k, which, tol_abs)
@@ -306,8 +304,8 @@ def batched_lanczos(
                 # below the rounding of the products themselves (a float32 operator asked
                 # for tol=1e-8): the true residuals must meet it too, within a factor 2.
                 held = _true_rule_holds(
-                    theta[f], ritz_res[f], cols, true.flip(1), tol, scale[f], criterion
-                ) & (criterion == "residual" or tol >= _unit_roundoff(dtype))
+                    theta[f], ritz_res[f], cols, true.flip(1), tol, scale[f], criterion, dtype
+                )
                 out_limited[orig] = done[f] & ~held
                 out_conv[orig] = done[f] & held
         if last or bool(finish.all()):
@@ -362,15 +360,27 @@ def _true_rule_holds(
     tol: float,
     scale: torch.Tensor,
     criterion: str,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Whether each row's stopping rule still holds with its true residuals (``true`` in
     the order of ``cols``) in place of the estimates, allowing a factor 2 on residuals.
-    (The eigenvalue error estimates still assume exact products.)"""
+    The eigenvalue error estimates assume exact products, so with that rule a ``tol``
+    below the products' unit roundoff never holds."""
     if criterion == "residual":
         return (true <= 2 * tol * scale[:, None]).all(dim=1)
+    if tol < _unit_roundoff(dtype):
+        return torch.zeros(len(theta), dtype=torch.bool)
     res = ritz_res.clone()
     res[:, cols] = torch.maximum(res[:, cols], true / 2)
-    bound = eigenvalue_error_bounds(theta, res, cols)
+    return _eigenvalue_rule(theta, res, cols, tol, scale)
+
+
+def _eigenvalue_rule(
+    theta: torch.Tensor, ritz_res: torch.Tensor, cols: torch.Tensor, tol: float, scale: torch.Tensor
+) -> torch.Tensor:
+    """Whether each row's wanted eigenvalue error estimates are within ``tol`` of their
+    magnitudes (floored at 1% of the norm estimate ``scale``)."""
+    bound = eigenvalue_error_bounds(theta, ritz_res, cols)
     allowed = tol * torch.maximum(theta[:, cols].abs(), 1e-2 * scale[:, None])
     return (bound <= allowed).all(dim=1)
 

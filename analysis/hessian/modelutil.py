@@ -175,11 +175,16 @@ def weight_total(loss_fn: LossFn, targets: Iterable[torch.Tensor]) -> float | No
     return total
 
 
+def _reduced(loss_fn: nn.Module, output: torch.Tensor, reduction: str) -> nn.Module:
+    """A copy of a loss module with ``reduction``, its tensors matched to ``output``."""
+    copied = copy.copy(matched_loss(loss_fn, output))
+    copied.reduction = reduction
+    return copied
+
+
 def summed_terms(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``loss_fn`` with ``reduction="sum"``: the numerator of its weighted mean."""
-    as_sum = copy.copy(matched_loss(loss_fn, output))
-    as_sum.reduction = "sum"
-    return as_sum(output, target)
+    return _reduced(loss_fn, output, "sum")(output, target)
 
 
 def summed_loss(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -195,9 +200,7 @@ def summed_loss(loss_fn: LossFn, output: torch.Tensor, target: torch.Tensor) -> 
             f"samples {bad[:5]} have only ignored targets (ignore_index) or targets of a class "
             "with weight 0: their own loss is 0/0; leave them out"
         )
-    as_none = copy.copy(matched_loss(loss_fn, output))
-    as_none.reduction = "none"
-    terms = as_none(output, target).reshape(len(target), -1).sum(dim=1)
+    terms = _reduced(loss_fn, output, "none")(output, target).reshape(len(target), -1).sum(dim=1)
     return (terms / per_sample.to(dtype=terms.dtype, device=terms.device)).sum()
 
 
