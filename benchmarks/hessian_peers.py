@@ -43,7 +43,9 @@ class Ours:
         from analysis.hessian import lanczos
 
         self.op.release()
-        res = lanczos(self.op, k=k, tol=OUR_TOL, seed=0, criterion="eigenvalue")
+        res = lanczos(
+            self.op, k=k, tol=OUR_TOL, seed=0, criterion="eigenvalue", start=self.op.gradient()
+        )
         self.krylov[k] = res.n_iterations
         self.found[k] = res
         return res.eigenvalues.cpu().numpy(), {"converged": res.converged}

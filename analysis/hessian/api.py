@@ -23,6 +23,10 @@ def hessian_spectrum(
     dtype: torch.dtype | None = None,
     **operator_kwargs: object,
 ) -> EigenResult:
-    """The ``top_k`` largest eigenvalues (and vectors) of the exact mean-loss weight Hessian."""
+    """The ``top_k`` largest eigenvalues (and vectors) of the exact mean-loss weight Hessian.
+
+    Lanczos starts from the loss gradient mixed with the seed's random vector (free once
+    the first product keeps the gradient graphs; fewer products for a trained model).
+    """
     op = WeightHessian(model, loss_fn, data, dtype=dtype, **operator_kwargs)
-    return lanczos(op, k=top_k, tol=tol, seed=seed)
+    return lanczos(op, k=top_k, tol=tol, seed=seed, start=op.gradient())

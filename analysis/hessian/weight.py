@@ -116,6 +116,9 @@ class WeightHessian:
         self.cached_bytes = 0
         self._graphs: list[tuple[torch.Tensor, ...]] | None = None
         self._leaves: list[torch.Tensor] = []
+        # whether a product has gone through the kept graphs (the first one may find a
+        # layer without a double backward and give them up)
+        self._proven = False
         if check_determinism:
             self.check_determinism()
 
@@ -210,10 +213,9 @@ class WeightHessian:
         """Exact Hessian-vector product ``H v`` of the mean loss over all the data."""
         tangent = self.unflatten(v)
         with eval_mode(self.model), exact_float32():
-            first = self._graphs is None
-            if first:
+            if self._graphs is None:
                 self._graphs = self._build_graphs()
-            total = self._first_cached(tangent) if first else self._hvp_cached(tangent)
+            total = self._hvp_cached(tangent) if self._proven else self._first_cached(tangent)
             if self.cache_data and len(self._graphs) == len(self.chunks):
                 return total
             rest = self._hvp_uncached(tangent)
@@ -226,7 +228,9 @@ class WeightHessian:
         if not self._graphs:
             return None
         try:
-            return self._hvp_cached(tangent)
+            total = self._hvp_cached(tangent)
+            self._proven = True
+            return total
         except (RuntimeError, NotImplementedError) as err:
             if self.hvp_mode == "reverse" or _out_of_memory(err):
                 raise
@@ -236,7 +240,27 @@ class WeightHessian:
 
     def release(self) -> None:
         """Free the kept gradient graphs (the next product builds them again)."""
-        self._graphs, self._leaves, self.cached_bytes = None, [], 0
+        self._graphs, self._leaves, self.cached_bytes, self._proven = None, [], 0, False
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient of the mean loss at the operator's weights.
+
+        Free where the gradient graphs are kept: their gradients are this one, chunk by
+        chunk (this call keeps them when the first product has not yet), and chunks without
+        a kept graph cost a gradient each. ``lanczos(op, start=op.gradient())`` starts near
+        the top eigenvectors of a trained model.
+        """
+        with eval_mode(self.model), exact_float32():
+            if self._graphs is None:
+                self._graphs = self._build_graphs()
+            total = None
+            for grads in self._graphs:
+                flat = torch.cat([g.detach().reshape(-1) for g in grads])
+                total = flat if total is None else total.add_(flat)
+            if self.cache_data and len(self._graphs) == len(self.chunks):
+                return total
+            _, rest = self.loss_and_gradient(self._uncached_batches())
+        return rest if total is None else total.add_(rest)
 
     def _build_graphs(self) -> list[tuple[torch.Tensor, ...]]:
         """Each chunk's gradient graph, in order, while their saved tensors fit the budget.

@@ -359,3 +359,14 @@ def test_attention_in_float32_gets_exact_products(hvp):
         got = InputHessian(model, CE, x, y).matvec(u, rows).double()
         want = InputHessian(model, CE, x, y, dtype=torch.float64).matvec(u.double(), rows)
         assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_a_gradient_taken_before_the_first_product_keeps_its_fallback():
+    model, plain, x, y = _models(_SquareWithoutDoubleBackward.apply)
+    expected = dense_matrix(WeightHessian(plain, CE, [(x, y)]))
+    op = WeightHessian(model, CE, [(x, y)])
+    plain_op = WeightHessian(plain, CE, [(x, y)])
+    torch.testing.assert_close(op.gradient(), plain_op.gradient(), rtol=1e-12, atol=1e-14)
+    with pytest.warns(RuntimeWarning, match="no second derivative here"):
+        got = dense_matrix(op)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

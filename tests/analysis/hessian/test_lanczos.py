@@ -14,6 +14,7 @@ from analysis.hessian import (
     lanczos,
     power_iteration,
 )
+from analysis.hessian import api as api_module
 from analysis.hessian.lanczos import CRITERIA, batched_lanczos, eigenvalue_error_bounds
 from analysis.hessian.protocol import SingleAsBatch
 from tests.analysis.hessian.reference import DenseOperator, matrix_with_spectrum
@@ -264,8 +265,66 @@ def test_eigenvalue_error_bounds_are_conservative_without_a_gap():
     assert float(alone[0, 0]) == 1e-3
 
 
+def _hessian_like(seed: int = 4) -> tuple[DenseOperator, torch.Tensor, torch.Tensor]:
+    """A few outliers above a bulk near zero: operator, eigenvalues, eigenvectors (columns)."""
+    gen = torch.Generator().manual_seed(3)
+    values = torch.cat(
+        [torch.tensor([5.0, 4.6, 4.5, 3.0, 2.2]).double(), 0.3 * torch.randn(295, generator=gen)]
+    )
+    matrix = matrix_with_spectrum(values, seed=seed)
+    evals, evecs = torch.linalg.eigh(matrix)
+    return DenseOperator(matrix), evals.flip(0), evecs.flip(1)
+
+
+def test_a_start_near_the_top_saves_products_and_a_poor_one_still_finds_every_eigenvalue():
+    op, exact, vecs = _hessian_like()
+    top = vecs[:, :3] @ torch.tensor([1.0, 0.8, 0.6], dtype=torch.float64)  # in the top span
+    for k, tol in ((1, 1e-8), (3, 1e-8), (3, 1e-4)):
+        plain = lanczos(op, k=k, tol=tol, seed=2, criterion="eigenvalue")
+        guided = lanczos(op, k=k, tol=tol, seed=2, criterion="eigenvalue", start=top)
+        assert guided.converged and _rel(guided.eigenvalues, exact[:k]) <= tol
+        assert guided.n_matvecs < plain.n_matvecs
+    # a guess orthogonal to the top five: the random half still reaches them
+    poor = vecs[:, 20]
+    res = lanczos(op, k=5, tol=1e-8, seed=2, start=poor)
+    assert res.converged and _rel(res.eigenvalues, exact[:5]) < 1e-8
+
+
+def test_a_zero_start_is_the_random_start():
+    op, _, _ = _hessian_like()
+    a = lanczos(op, k=2, tol=1e-8, seed=5)
+    b = lanczos(op, k=2, tol=1e-8, seed=5, start=torch.zeros(op.size, dtype=torch.float64))
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and a.n_matvecs == b.n_matvecs
+
+
+def test_hessian_spectrum_starts_from_the_gradient(cnn_problem, monkeypatch):
+    model, x, y, dense = cnn_problem
+    starts = []
+    real = api_module.lanczos
+    monkeypatch.setattr(
+        api_module, "lanczos", lambda *a, **kw: starts.append(kw["start"]) or real(*a, **kw)
+    )
+    res = hessian_spectrum(model, CE, [(x, y)], top_k=3, tol=1e-8)
+    assert _rel(res.eigenvalues, torch.linalg.eigvalsh(dense).flip(0)[:3]) < 1e-6
+    params = list(model.parameters())
+    grads = torch.autograd.grad(CE(model.eval()(x), y), params)
+    torch.testing.assert_close(starts[0], torch.cat([g.reshape(-1) for g in grads]))
+
+
 def test_clear_errors():
     op = DenseOperator(torch.eye(4, dtype=torch.float64))
+    with pytest.raises(
+        ValueError, match=r"start must be a flat vector of shape \(4,\), got \(2, 4\)"
+    ):
+        lanczos(op, k=1, start=torch.ones(2, 4, dtype=torch.float64))
+    with pytest.raises(
+        ValueError, match=r"start must be a flat vector of shape \(4,\), got \(3,\)"
+    ):
+        lanczos(op, k=1, start=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="start has non-finite entries"):
+        lanczos(op, k=1, start=torch.tensor([1.0, float("nan"), 0.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="start and min_iter together"):
+        lanczos(op, k=1, start=torch.ones(4, dtype=torch.float64), min_iter=3)
     with pytest.raises(ValueError, match="criterion must be one of"):
         lanczos(op, k=1, criterion="fast")
     with pytest.raises(ValueError, match="k=5 exceeds the operator size 4"):

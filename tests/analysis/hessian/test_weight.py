@@ -263,3 +263,36 @@ def test_a_loss_linear_in_the_weights_has_a_zero_hessian():
     op = WeightHessian(model, lambda out, _: out.sum(), [(x, y)])
     v = _random_vectors(op.size, 1)[0]
     assert torch.equal(op.matvec(v), torch.zeros_like(v))
+
+
+def _autograd_gradient(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss_fn(model(x), y), params)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_gradient_is_the_mean_loss_gradient_kept_graphs_or_not(cnn_problem):
+    model, x, y, dense = cnn_problem
+    expected = _autograd_gradient(model, CE, x, y)
+    per_chunk = _saved_bytes_of_one_chunk(model, x[:8], y[:8])
+    v = _random_vectors(dense.shape[0], 1)[0]
+    for budget in (None, int(1.5 * per_chunk), 0):  # all, one of three, no graphs kept
+        for first in ("gradient", "product"):
+            op = WeightHessian(model, CE, [(x, y)], chunk_size=8, cache_bytes=budget)
+            if first == "product":
+                op.matvec(v)
+            torch.testing.assert_close(op.gradient(), expected, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+    uncached = WeightHessian(model, CE, [(x[:10], y[:10]), (x[10:], y[10:])], cache_data=False)
+    torch.testing.assert_close(uncached.gradient(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_of_a_class_weighted_mean_is_the_whole_datas(mlp_problem):
+    model, x, y, _ = mlp_problem
+    y = y.clone()
+    y[::5] = -100
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0, 10.0], dtype=torch.float64))
+    op = WeightHessian(model, loss_fn, [(x[:13], y[:13]), (x[13:], y[13:])], chunk_size=4)
+    expected = _autograd_gradient(model, loss_fn, x, y)
+    torch.testing.assert_close(op.gradient(), expected, rtol=1e-10, atol=1e-12)
