@@ -43,9 +43,8 @@ class Ours:
         from analysis.hessian import lanczos
 
         self.op.release()
-        res = lanczos(
-            self.op, k=k, tol=OUR_TOL, seed=0, criterion="eigenvalue", start=self.op.gradient()
-        )
+        start = self.op.gradient() if k == 1 else None  # as hessian_spectrum does
+        res = lanczos(self.op, k=k, tol=OUR_TOL, seed=0, criterion="eigenvalue", start=start)
         self.krylov[k] = res.n_iterations
         self.found[k] = res
         return res.eigenvalues.cpu().numpy(), {"converged": res.converged}

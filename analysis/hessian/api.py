@@ -25,8 +25,10 @@ def hessian_spectrum(
 ) -> EigenResult:
     """The ``top_k`` largest eigenvalues (and vectors) of the exact mean-loss weight Hessian.
 
-    Lanczos starts from the loss gradient mixed with the seed's random vector (free once
-    the first product keeps the gradient graphs; fewer products for a trained model).
+    For ``top_k=1`` Lanczos starts from the loss gradient mixed with the seed's random
+    vector (free once the first product keeps the gradient graphs; fewer products for a
+    trained model; see ``lanczos``'s ``start`` for why not for more).
     """
     op = WeightHessian(model, loss_fn, data, dtype=dtype, **operator_kwargs)
-    return lanczos(op, k=top_k, tol=tol, seed=seed, start=op.gradient())
+    start = op.gradient() if top_k == 1 else None
+    return lanczos(op, k=top_k, tol=tol, seed=seed, start=start)
