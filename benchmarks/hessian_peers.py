@@ -43,8 +43,7 @@ class Ours:
         from analysis.hessian import lanczos
 
         self.op.release()
-        start = self.op.gradient() if k == 1 else None  # as hessian_spectrum does
-        res = lanczos(self.op, k=k, tol=OUR_TOL, seed=0, criterion="eigenvalue", start=start)
+        res = lanczos(self.op, k=k, tol=OUR_TOL, seed=0, criterion="eigenvalue")
         self.krylov[k] = res.n_iterations
         self.found[k] = res
         return res.eigenvalues.cpu().numpy(), {"converged": res.converged}

@@ -252,13 +252,8 @@ def eigen(s: Setting, libs, ref, rec: Recorder, k: int, repeats: int, cap: float
     ours = libs["ours"][0]
     rows = {}
     settings = {
-        "ours": f"lanczos(k={k}, tol={peers.OUR_TOL:g}, criterion='eigenvalue'"
-        + (
-            ", start=op.gradient()) [stops on eigenvalue error estimates; starts from the "
-            "gradient mixed with a random vector; graph build timed]"
-            if k == 1
-            else ") [stops on eigenvalue error estimates; graph build timed]"
-        ),
+        "ours": f"lanczos(k={k}, tol={peers.OUR_TOL:g}, criterion='eigenvalue') [stops on "
+        "eigenvalue error estimates; graph build timed]",
         "pyhessian": f"hessian(...).eigenvalues(top_n={k}) [defaults: maxIter=100, tol=1e-3; "
         "power iteration]",
         "eigenthings": f"lanczos(k={k}, which='LA', max_iter=<our Krylov size>, reorth) "

@@ -370,10 +370,7 @@ def curvature(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, se
     """
     x = to_float_images(x_train[:CURVATURE_SAMPLES])
     op = WeightHessian(model, nn.CrossEntropyLoss(), [(x, y_train[:CURVATURE_SAMPLES])])
-    res = lanczos(
-        op, k=1, tol=CURVATURE_TOL, seed=seed, criterion="eigenvalue", start=op.gradient()
-    )
-    return res.lambda_max
+    return lanczos(op, k=1, tol=CURVATURE_TOL, seed=seed, criterion="eigenvalue").lambda_max
 
 
 def _grad_norm(model: nn.Module) -> torch.Tensor:

@@ -23,12 +23,6 @@ def hessian_spectrum(
     dtype: torch.dtype | None = None,
     **operator_kwargs: object,
 ) -> EigenResult:
-    """The ``top_k`` largest eigenvalues (and vectors) of the exact mean-loss weight Hessian.
-
-    For ``top_k=1`` Lanczos starts from the loss gradient mixed with the seed's random
-    vector (free once the first product keeps the gradient graphs; fewer products for a
-    trained model; see ``lanczos``'s ``start`` for why not for more).
-    """
+    """The ``top_k`` largest eigenvalues (and vectors) of the exact mean-loss weight Hessian."""
     op = WeightHessian(model, loss_fn, data, dtype=dtype, **operator_kwargs)
-    start = op.gradient() if top_k == 1 else None
-    return lanczos(op, k=top_k, tol=tol, seed=seed, start=start)
+    return lanczos(op, k=top_k, tol=tol, seed=seed)

@@ -168,8 +168,17 @@ def lanczos_step(
         prev = beta[:, j - 1].to(dtype=q.dtype, device=q.device)
         w.addcmul_(prev[:, None], basis.column(j - 1), value=-1)
     w = basis.orthogonalise(w)
+    bnorm = w.norm(dim=1)
+    finite = torch.isfinite(a) & torch.isfinite(bnorm)
+    if not bool(finite.all()):
+        bad = rows[~finite.cpu()].tolist()
+        raise FloatingPointError(
+            f"the operator's product is not finite (NaN or inf) at Lanczos step {j + 1}"
+            f"{'' if bop.batch == 1 else f' for rows {bad[:10]}'}: the loss is not finite at "
+            "these weights or inputs (a diverged model, or bad data); check the loss first"
+        )
     alpha[:, j] = a.double().cpu()
-    return w, w.norm(dim=1), product
+    return w, bnorm, product
 
 
 def eigenvalue_error_bounds(
@@ -470,15 +479,12 @@ def lanczos(
     ``slq_density(reuse=result)`` can take the run as a probe of that many steps.
 
     ``start`` (a flat vector) is a guess at the top eigenvector, mixed at equal weight with
-    the seed's random vector; the random half keeps every eigenvector within reach.
-    ``WeightHessian.gradient()``, which ``hessian_spectrum`` passes for ``top_k=1``, is
-    such a guess for a trained model (the gradient lies mostly in the top eigenspace). For
-    the top eigenvalue of 24 digits models (three architectures, three batch sizes, three
-    epochs; criterion "eigenvalue") it took 16% fewer products on average (2-3 models took
-    up to 5 more), and the rate of stopping on the lower of a close pair was no higher than
-    from random starts. For k > 1 it is no default: a start weighted towards some of the
-    top k makes that stop likelier for the others (with the eigenvalue criterion, the
-    benchmark's 550k-parameter CNN then returned its 11th eigenvalue as the 10th, 1% off).
+    the seed's random vector, for callers who know a good one (a previous run's
+    eigenvector). It is no default anywhere: a start weighted towards some eigenvectors
+    can hide a larger one. From the loss gradient (``WeightHessian.gradient()``) the top
+    eigenvalue of 26 trained digits models took about 20% fewer products, but at tol 1e-3
+    one model's came out 17% low (its second eigenvalue) and was called converged
+    (``benchmarks/gradient_start.py``).
     """
     check_operator(op)
     if which not in ("largest", "smallest"):

@@ -247,8 +247,8 @@ class WeightHessian:
 
         Free where the gradient graphs are kept: their gradients are this one, chunk by
         chunk (this call keeps them when the first product has not yet), and chunks without
-        a kept graph cost a gradient each. ``lanczos(op, start=op.gradient())`` starts near
-        the top eigenvectors of a trained model.
+        a kept graph cost a gradient each. As a Lanczos start it saves products but can hide
+        the top eigenvector (see ``lanczos``'s ``start``).
         """
         with eval_mode(self.model), exact_float32():
             if self._graphs is None:
