@@ -57,9 +57,9 @@ def random_unit_rows(
 
 def mixed_start(start: torch.Tensor, random_rows: torch.Tensor) -> torch.Tensor:
     """Unit rows along ``start / ||start|| + random_rows`` (rows of ``start`` that are zero
-    keep their random row): the Krylov space then starts near the top eigenvectors a good
-    guess such as the loss gradient points to, while the random half keeps every
-    eigenvector within reach."""
+    keep their random row): the Krylov space then starts near what the guess points to,
+    while the random half keeps every eigenvector within reach (though a large one the
+    guess misses may then surface only after many steps: see ``lanczos``)."""
     guess = start.to(dtype=random_rows.dtype, device=random_rows.device)
     norms = guess.norm(dim=1, keepdim=True)
     v = random_rows + torch.where(norms > 0, guess / norms.clamp_min(1e-300), 0.0)
