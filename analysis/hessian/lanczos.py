@@ -18,6 +18,7 @@ from analysis.hessian.protocol import (
     LinearOperator,
     SingleAsBatch,
     check_operator,
+    not_finite,
     operator_device,
 )
 from analysis.hessian.results import EigenResult
@@ -172,10 +173,8 @@ def lanczos_step(
     finite = torch.isfinite(a) & torch.isfinite(bnorm)
     if not bool(finite.all()):
         bad = rows[~finite.cpu()].tolist()
-        raise FloatingPointError(
-            f"the operator's product is not finite (NaN or inf) at Lanczos step {j + 1}"
-            f"{'' if bop.batch == 1 else f' for rows {bad[:10]}'}: the loss is not finite at "
-            "these weights or inputs (a diverged model, or bad data); check the loss first"
+        raise not_finite(
+            f"at Lanczos step {j + 1}" + ("" if bop.batch == 1 else f" for rows {bad[:10]}")
         )
     alpha[:, j] = a.double().cpu()
     return w, bnorm, product

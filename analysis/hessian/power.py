@@ -8,7 +8,12 @@ import warnings
 import torch
 
 from analysis.hessian.lanczos import ConvergenceWarning, random_unit_rows
-from analysis.hessian.protocol import LinearOperator, check_operator, operator_device
+from analysis.hessian.protocol import (
+    LinearOperator,
+    check_operator,
+    not_finite,
+    operator_device,
+)
 from analysis.hessian.results import EigenResult
 
 
@@ -70,6 +75,8 @@ def power_iteration(
             lam = v @ w
             res = (w - lam * v).norm()
             wn = w.norm()
+            if not bool(torch.isfinite(res)):
+                raise not_finite(f"at power iteration step {it + 1}")
             if res <= inner * lam.abs() or wn == 0:
                 ok = True
                 break

@@ -18,6 +18,15 @@ class LinearOperator(Protocol):
     def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
 
 
+def not_finite(where: str) -> FloatingPointError:
+    """The error for a product that came out NaN or inf: a diverged model or bad data, said
+    at once instead of a solver running its whole budget or failing in its linear algebra."""
+    return FloatingPointError(
+        f"the operator's product is not finite (NaN or inf) {where}: the loss is not finite "
+        "at these weights or inputs (a diverged model, or bad data); check the loss first"
+    )
+
+
 class BatchedOperator(Protocol):
     """``batch`` independent symmetric operators of one ``size``, applied row by row.
 

@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from analysis.hessian.lanczos import ConvergenceWarning
-from analysis.hessian.protocol import LinearOperator, check_operator, operator_device
+from analysis.hessian.protocol import LinearOperator, check_operator, not_finite, operator_device
 from analysis.hessian.results import EigenResult, TraceResult
 
 
@@ -53,7 +53,10 @@ def hutchinson_trace(
         z = (torch.randint(0, 2, (op.size,), generator=gen) * 2 - 1).to(op.dtype).to(device)
         if basis is not None:
             z = z - basis.T @ (basis @ z)
-        samples.append(known + float(z @ op.matvec(z)))
+        sample = float(z @ op.matvec(z))
+        if not math.isfinite(sample):
+            raise not_finite(f"at Hutchinson probe {len(samples) + 1}")
+        samples.append(known + sample)
         n = len(samples)
         if n < min_probes:
             continue
