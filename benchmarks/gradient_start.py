@@ -6,7 +6,7 @@ epochs, finds the float64 Hessian's top eigenvalue with the eigenvalue rule at t
 and 1e-4 from SEEDS seeds (default 4), once from the random start and once with
 ``start=op.gradient()``. It prints each model's products (mean over seeds) and worst
 relative error against a tight reference, then how often each start ended off by more
-than its tol (stopping on the lower of a close pair). About 15 minutes on 2 CPU cores.
+than its tol (stopping on the lower of a close pair). About 20 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
