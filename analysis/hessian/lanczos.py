@@ -67,12 +67,14 @@ def mixed_start(start: torch.Tensor, random_rows: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=1, keepdim=True)
 
 
-def check_start(start: torch.Tensor, shape: tuple[int, ...], min_iter: int) -> None:
+def check_start(
+    start: torch.Tensor, shape: tuple[int, ...], min_iter: int, what: str = "a tensor"
+) -> None:
     """Refuse a start guess of the wrong shape, with non-finite entries, or for a run that
     must double as a random quadrature probe (``min_iter``)."""
     if not isinstance(start, torch.Tensor) or tuple(start.shape) != shape:
         got = tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__
-        raise ValueError(f"start must be a tensor of shape {shape}, got {got}")
+        raise ValueError(f"start must be {what} of shape {shape}, got {got}")
     if not bool(torch.isfinite(start).all()):
         raise ValueError(
             "start has non-finite entries (a NaN or infinite loss gradient?): fix the model "
@@ -427,14 +429,6 @@ def _eigenvalue_rule(
     return (bound <= allowed).all(dim=1)
 
 
-def _as_row(start: torch.Tensor, op: LinearOperator) -> torch.Tensor:
-    """A flat start vector as the one row of a batch (its shape checked by name)."""
-    if not isinstance(start, torch.Tensor) or tuple(start.shape) != (int(op.size),):
-        got = tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__
-        raise ValueError(f"start must be a flat vector of shape ({op.size},), got {got}")
-    return start[None]
-
-
 def bnorm_safe(w: torch.Tensor) -> torch.Tensor:
     """Row norms as a column, never zero (a zero row stays zero instead of becoming NaN)."""
     n = w.norm(dim=1, keepdim=True)
@@ -488,6 +482,8 @@ def lanczos(
     check_operator(op)
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
+    if start is not None:
+        check_start(start, (int(op.size),), min_iter, "a flat vector")
     batched = SingleAsBatch(op)
     batched.device = operator_device(op)
     out = batched_lanczos(
@@ -501,7 +497,7 @@ def lanczos(
         keep_products=True,
         min_iter=min_iter,
         record_krylov=True,
-        start=None if start is None else _as_row(start, op),
+        start=None if start is None else start[None],
     )
     values = out.eigenvalues[0]
     vectors = out.eigenvectors[0]

@@ -216,7 +216,7 @@ class WeightHessian:
             if self._graphs is None:
                 self._graphs = self._build_graphs()
             total = self._hvp_cached(tangent) if self._proven else self._first_cached(tangent)
-            if self.cache_data and len(self._graphs) == len(self.chunks):
+            if self._all_kept():
                 return total
             rest = self._hvp_uncached(tangent)
         return rest if total is None else total.add_(rest)
@@ -257,10 +257,14 @@ class WeightHessian:
             for grads in self._graphs:
                 flat = torch.cat([g.detach().reshape(-1) for g in grads])
                 total = flat if total is None else total.add_(flat)
-            if self.cache_data and len(self._graphs) == len(self.chunks):
+            if self._all_kept():
                 return total
             _, rest = self.loss_and_gradient(self._uncached_batches())
         return rest if total is None else total.add_(rest)
+
+    def _all_kept(self) -> bool:
+        """Whether every chunk's gradient graph is kept (nothing to differentiate afresh)."""
+        return self.cache_data and len(self._graphs) == len(self.chunks)
 
     def _build_graphs(self) -> list[tuple[torch.Tensor, ...]]:
         """Each chunk's gradient graph, in order, while their saved tensors fit the budget.
