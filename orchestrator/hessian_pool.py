@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from analysis.hessian import BatchedEigenResult, WeightHessian, input_hessian_spectrum
 from analysis.hessian.graphcache import default_cache_bytes
 from analysis.hessian.modelutil import LossFn
+from analysis.hessian.results import concat_batched
 
 CACHE_SIZE = 8
 KEEP_GRAPHS = 2  # operators per actor that keep their gradient graphs (phase.max_parallel)
@@ -196,14 +197,7 @@ class ShardActor:
     ) -> BatchedEigenResult:
         """Per-sample input-Hessian eigenvalues of the given samples (CPU tensors)."""
         model = without_grad(self._model(handle))
-        res = input_hessian_spectrum(model, loss_fn, x, y, **options)
-        return BatchedEigenResult(
-            eigenvalues=res.eigenvalues.detach().cpu(),
-            residuals=res.residuals.detach().cpu(),
-            converged=res.converged.cpu(),
-            n_matvecs=res.n_matvecs,
-            n_iterations=res.n_iterations,
-        )
+        return concat_batched([input_hessian_spectrum(model, loss_fn, x, y, **options)])
 
     def info(self) -> dict[str, Any]:
         """What this actor holds and has used (pid, device, shard size, cache, CPU seconds)."""
@@ -403,6 +397,7 @@ class HessianPool:
         batch_size: int | None = None,
         dtype: torch.dtype | None = None,
         loss_fn: LossFn | None = None,
+        method: str = "lanczos",
     ) -> BatchedEigenResult:
         """Per-sample input-Hessian eigenvalues, the samples split across the actors.
 
@@ -432,6 +427,7 @@ class HessianPool:
                 "seed": seed + lo,
                 "batch_size": batch_size,
                 "dtype": dtype,
+                "method": method,
             }
             part = (x[lo:hi].clone(), y[lo:hi].clone())
             refs.append(actor.input_spectrum.remote(handle, loss, *part, options))
@@ -440,13 +436,7 @@ class HessianPool:
         finally:
             if owns:
                 self.release(handle)
-        return BatchedEigenResult(
-            eigenvalues=torch.cat([r.eigenvalues for r in results]),
-            residuals=torch.cat([r.residuals for r in results]),
-            converged=torch.cat([r.converged for r in results]),
-            n_matvecs=sum(r.n_matvecs for r in results),
-            n_iterations=max(r.n_iterations for r in results),
-        )
+        return concat_batched(results)
 
     def close(self) -> None:
         """Stop every actor (no restart); the pool cannot be used afterwards."""

@@ -16,7 +16,12 @@ from torch import nn
 from torch.func import functional_call
 
 from analysis.hessian.graphcache import check_twice_differentiable, storage_key
-from analysis.hessian.lanczos import WHICH, ConvergenceWarning, batched_lanczos
+from analysis.hessian.jacobian import (
+    AUTO_MAX_OUTPUTS,
+    NotPiecewiseLinearError,
+    jacobian_spectrum,
+)
+from analysis.hessian.lanczos import WHICH, ConvergenceWarning, batched_lanczos, check_k
 from analysis.hessian.leangraph import lean_graph
 from analysis.hessian.modelutil import (
     LossFn,
@@ -25,7 +30,9 @@ from analysis.hessian.modelutil import (
     summed_loss,
     working_model,
 )
-from analysis.hessian.results import BatchedEigenResult
+from analysis.hessian.results import BatchedEigenResult, concat_batched
+
+METHODS = ("lanczos", "jacobian", "auto")
 
 
 @dataclass(frozen=True)
@@ -74,13 +81,20 @@ class InputHessian:
         self.batch = int(x.shape[0])
         self._kept: _KeptGraph | None = None
 
-    def _loss(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    def _outputs(self, xs: torch.Tensor) -> torch.Tensor:
         if isinstance(self.model, torch.jit.ScriptModule):  # functional_call refuses these
-            return summed_loss(self.loss_fn, self.model(xs), ys)
+            return self.model(xs)
         # the weights as constants: the graph then holds no path to them, and convolutions
         # are recorded with constant weights (lean_graph)
         consts = {n: t.detach() for n, t in self.model.named_parameters()}
-        return summed_loss(self.loss_fn, functional_call(self.model, consts, (xs,)), ys)
+        return functional_call(self.model, consts, (xs,))
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fresh leaf copy of every sample's input and the model's output on it, with its
+        graph (eval mode, lean graph): what ``jacobian_spectrum`` differentiates."""
+        with eval_mode(self.model), torch.enable_grad(), lean_graph():
+            xs = self.x.clone().requires_grad_(True)
+            return xs, self._outputs(xs)
 
     def matvec(self, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Apply sample ``rows[i]``'s input Hessian to ``v[i]`` for every i, in one pass.
@@ -140,7 +154,7 @@ class InputHessian:
         idx = rows.to(self.device)
         with eval_mode(self.model), torch.enable_grad(), lean_graph():
             z = self.x.index_select(0, idx).requires_grad_(True)  # a fresh copy
-            loss = self._loss(z, self.y[idx])
+            loss = summed_loss(self.loss_fn, self._outputs(z), self.y[idx])
             (g,) = torch.autograd.grad(loss, z, create_graph=True)
         check_twice_differentiable((g,), loss)
         return z, g
@@ -158,23 +172,43 @@ def input_hessian_spectrum(
     seed: int = 0,
     batch_size: int = 512,
     dtype: torch.dtype | None = None,
+    method: str = "lanczos",
 ) -> BatchedEigenResult:
     """Per-sample input-Hessian eigenvalues with residual estimates and a converged mask.
 
     Samples are solved ``batch_size`` at a time (the seed is offset per batch, so results
     reproduce for the same batch size). Rows are sorted descending; for ``which="both"``
     each row holds the k largest followed by the k smallest.
+
+    ``method="lanczos"`` runs batched Lanczos on exact Hessian-vector products.
+    ``"jacobian"`` takes every eigenvalue exactly from the output Jacobian, for models
+    piecewise linear in their input (checked on the autograd graph; ``jacobian`` module):
+    one backward pass per model output, no ``tol``, ``max_iter`` or ``seed``; any other
+    model raises ``NotPiecewiseLinearError``. ``"auto"`` takes it where it applies, with
+    at most ``AUTO_MAX_OUTPUTS`` outputs per sample, and Lanczos elsewhere.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     op = InputHessian(model, loss_fn, x, y, dtype=dtype)
-    values, residuals, converged = [], [], []
-    n_matvecs = n_iter = 0
+    check_k(k, op.size, which)
+    jacobian = method != "lanczos"
+    parts = []
     for start in range(0, op.batch, batch_size):
         stop = min(start + batch_size, op.batch)
         chunk = InputHessian(op.model, loss_fn, op.x[start:stop], op.y[start:stop])
+        if jacobian:
+            try:
+                most = None if method == "jacobian" else AUTO_MAX_OUTPUTS
+                parts.append(jacobian_spectrum(chunk, k, which, max_outputs=most))
+                continue
+            except NotPiecewiseLinearError:
+                if method == "jacobian":
+                    raise
+                jacobian = False  # "auto": this model goes to Lanczos from here on
         # Many short recurrences over small inputs: the basis is the largest buffer and the
         # operator's precision costs no accuracy here (a float64 recurrence and basis were
         # 35% slower on a CIFAR-shaped CNN); its float32 re-orthogonalisation stays IEEE.
@@ -189,18 +223,16 @@ def input_hessian_spectrum(
                 return_vectors=False,
                 basis_dtype=op.dtype,
             )
-        values.append(out.eigenvalues)
-        residuals.append(out.est_residuals)
-        converged.append(out.converged)
-        n_matvecs += out.n_matvecs
-        n_iter = max(n_iter, out.n_iterations)
-    return BatchedEigenResult(
-        eigenvalues=torch.cat(values),
-        residuals=torch.cat(residuals),
-        converged=torch.cat(converged),
-        n_matvecs=n_matvecs,
-        n_iterations=n_iter,
-    )
+        parts.append(
+            BatchedEigenResult(
+                eigenvalues=out.eigenvalues,
+                residuals=out.est_residuals,
+                converged=out.converged,
+                n_matvecs=out.n_matvecs,
+                n_iterations=out.n_iterations,
+            )
+        )
+    return concat_batched(parts)
 
 
 def input_hessian_eigenvalues(

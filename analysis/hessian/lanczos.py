@@ -106,7 +106,23 @@ def tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _wanted_columns(m: int, k: int, which: str) -> torch.Tensor:
+def check_k(k: int, size: int, which: str) -> None:
+    """Refuse a ``k`` (per end, for ``which="both"``) that an operator of ``size`` cannot give."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > size:
+        raise ValueError(
+            f"k={k} exceeds the operator size {size}; ask for at most {size} eigenvalues"
+        )
+    if which == "both" and 2 * k > size:
+        raise ValueError(
+            f"which='both' with k={k} asks for {2 * k} eigenvalues but the operator has "
+            f"{size}: ask for k <= {size // 2} per end, or which='largest' with k={size} for "
+            "all of them"
+        )
+
+
+def wanted_columns(m: int, k: int, which: str) -> torch.Tensor:
     """Column indices (ascending eigen order) of the Ritz values a caller asked for."""
     low = list(range(min(k, m)))
     high = list(range(max(m - k, 0), m))
@@ -243,16 +259,8 @@ def batched_lanczos(
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     d, b = int(bop.size), int(bop.batch)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if k > d:
-        raise ValueError(f"k={k} exceeds the operator size {d}; ask for at most {d} eigenvalues")
-    if which == "both" and 2 * k > d:
-        raise ValueError(
-            f"which='both' with k={k} asks for {2 * k} eigenvalues but the operator has {d}: "
-            f"ask for k <= {d // 2} per end, or which='largest' with k={d} for all of them"
-        )
-    kk = len(_wanted_columns(d, k, which))
+    check_k(k, d, which)
+    kk = len(wanted_columns(d, k, which))
     m_max = min(d, max_iter if max_iter is not None else max(30 * kk, 300))
     if m_max < kk:
         raise ValueError(
@@ -305,7 +313,7 @@ def batched_lanczos(
         tol_abs = tol * scale
         bn = bnorm.double().cpu()
         ritz_res = bn[:, None] * vecs[:, -1, :].abs()
-        cols = _wanted_columns(m, k, which)
+        cols = wanted_columns(m, k, which)
         breakdown = bn <= breakdown_tol * scale
         full = m == d
         if criterion == "residual":

@@ -81,10 +81,30 @@ class DensityResult:
 
 @dataclass(frozen=True)
 class BatchedEigenResult:
-    """Eigenvalues of many independent operators solved together (one row each)."""
+    """Eigenvalues of many independent operators solved together (one row each).
+
+    ``method`` says how: ``"lanczos"`` (``n_matvecs`` products, residual estimates),
+    ``"jacobian"`` (exact, from the output Jacobian: ``n_matvecs`` counts its backward
+    passes, residuals are the small dense eigenproblems'), or both joined by ``+`` when
+    batches went different ways.
+    """
 
     eigenvalues: torch.Tensor
     residuals: torch.Tensor
     converged: torch.Tensor
     n_matvecs: int
     n_iterations: int
+    method: str = "lanczos"
+
+
+def concat_batched(parts: list[BatchedEigenResult]) -> BatchedEigenResult:
+    """The rows of ``parts`` in order, as one result on the CPU (counts added up)."""
+    methods = sorted({m for p in parts for m in p.method.split("+")})
+    return BatchedEigenResult(
+        eigenvalues=torch.cat([p.eigenvalues.detach().cpu() for p in parts]),
+        residuals=torch.cat([p.residuals.detach().cpu() for p in parts]),
+        converged=torch.cat([p.converged.cpu() for p in parts]),
+        n_matvecs=sum(p.n_matvecs for p in parts),
+        n_iterations=max(p.n_iterations for p in parts),
+        method="+".join(methods),
+    )

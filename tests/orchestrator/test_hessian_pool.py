@@ -134,6 +134,16 @@ def test_input_hessians_split_across_actors_equal_local(pool):
     assert all(not i["models"] for i in infos), "a model put by input_hessian is released"
 
 
+def test_input_hessians_by_the_jacobian_on_the_pool_equal_local(pool):
+    model = make_mlp(seed=4, act=nn.ReLU)
+    x, y = make_data(20, (6,), seed=9)
+    res = pool.input_hessian(model, x, y, k=1, which="both", batch_size=4, method="auto")
+    ref = input_hessian_spectrum(model, nn.CrossEntropyLoss(), x, y, k=1, which="both")
+    assert res.method == "jacobian" and ref.method == "lanczos"
+    assert close(res.eigenvalues, ref.eigenvalues, 1e-9)
+    assert bool(res.converged.all())
+
+
 def test_two_models_concurrently_equal_sequentially(pool):
     models = [make_mlp(seed=5), make_bn_mlp(seed=6)]
 
