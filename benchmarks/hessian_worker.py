@@ -351,8 +351,9 @@ def traces(s: Setting, libs, ref, rec: Recorder, repeats: int, probes: int, cap:
 
 
 def input_hessians(s: Setting, ref, rec: Recorder, repeats: int, loop_cap: float) -> None:
-    """Batched per-sample input Hessians against per-sample loops; batched runs are
-    interleaved with the (long, run once) loops so load from elsewhere hits both."""
+    """Batched per-sample input Hessians against per-sample loops, by each of the engine's
+    methods (Lanczos, the default, and the Jacobian route); batched runs are interleaved
+    with the (long, run once) loops so load from elsewhere hits both."""
     from analysis.hessian import input_hessian_eigenvalues
 
     x, y = s.x[:N_INPUT], s.y[:N_INPUT]
@@ -368,7 +369,10 @@ def input_hessians(s: Setting, ref, rec: Recorder, repeats: int, loop_cap: float
 
     def batched_run(r: dict[str, Any]) -> None:
         vals = rec.measure(
-            r, lambda: input_hessian_eigenvalues(model, peers.CE, x, y, k=1, tol=tol)
+            r,
+            lambda: input_hessian_eigenvalues(
+                model, peers.CE, x, y, k=1, tol=tol, method=r["method"]
+            ),
         )
         r["rel_err"] = err(vals[:, 0].cpu().numpy(), N_INPUT)
 
@@ -391,9 +395,13 @@ def input_hessians(s: Setting, ref, rec: Recorder, repeats: int, loop_cap: float
             r["extrapolated"] = True
         r["rel_err"] = err(np.array(out), done)
 
-    def engine(i: int) -> float:
-        xi, yi = x[i : i + 1], y[i : i + 1]
-        return float(input_hessian_eigenvalues(model, peers.CE, xi, yi, k=1, tol=tol)[0, 0])
+    def engine(method: str):
+        def one(i: int) -> float:
+            xi, yi = x[i : i + 1], y[i : i + 1]
+            vals = input_hessian_eigenvalues(model, peers.CE, xi, yi, k=1, tol=tol, method=method)
+            return float(vals[0, 0])
+
+        return one
 
     def dense(i: int) -> float:
         xi, yi = x[i], y[i : i + 1]
@@ -403,25 +411,32 @@ def input_hessians(s: Setting, ref, rec: Recorder, repeats: int, loop_cap: float
         d = xi.numel()
         return float(torch.linalg.eigvalsh(h.reshape(d, d))[-1])
 
-    batched = rec.row(
-        "input",
-        "batched",
-        "hessweep batched",
-        settings=f"input_hessian_eigenvalues(k=1, tol={tol:g}) on all {N_INPUT} samples "
-        "[default: 512 samples per lock-step batch]",
-    )
-    loops = [
-        (
-            rec.row(
-                "input",
-                "loop_engine",
-                "per-sample loop: this engine",
-                settings="for each sample: input_hessian_eigenvalues(x[i:i+1], k=1, "
-                f"tol={tol:g}) [same Lanczos, batch of one]",
-            ),
-            engine,
+    batched = []
+    for key, method, how in (
+        ("batched", "lanczos", "[default: Lanczos, 512 samples per lock-step batch]"),
+        ("batched_jacobian", "jacobian", "[exact, from the output Jacobian]"),
+    ):
+        r = rec.row(
+            "input",
+            key,
+            "hessweep batched" + ("" if method == "lanczos" else f", method='{method}'"),
+            settings=f"input_hessian_eigenvalues(k=1, tol={tol:g}, method='{method}') on all "
+            f"{N_INPUT} samples {how}",
         )
-    ]
+        r["method"] = method
+        batched.append(r)
+    loops = []
+    for key, method in (("loop_engine", "lanczos"), ("loop_jacobian", "jacobian")):
+        r = rec.row(
+            "input",
+            key,
+            "per-sample loop: this engine"
+            + ("" if method == "lanczos" else f", method='{method}'"),
+            settings=f"for each sample: input_hessian_eigenvalues(x[i:i+1], k=1, tol={tol:g}, "
+            f"method='{method}') [the same engine, batch of one]",
+        )
+        r["method"] = method
+        loops.append((r, engine(method)))
     if x[0].numel() <= 256:  # a dense d x d Hessian per sample is only sensible for small d
         loops.append(
             (
@@ -437,12 +452,15 @@ def input_hessians(s: Setting, ref, rec: Recorder, repeats: int, loop_cap: float
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        batched_run(batched)
+        for r in batched:
+            batched_run(r)
         for r, fn in loops:
             loop(fn, r)
-            batched_run(batched)
+            for b in batched:
+                batched_run(b)
         for _ in range(repeats - 1 - len(loops)):
-            batched_run(batched)
+            for r in batched:
+                batched_run(r)
     log(
         "input Hessians: "
         + ", ".join(

@@ -207,6 +207,9 @@ def _input_spectrum(
         "seed": settings.seed + 3,
         "batch_size": INPUT_BLOCK,
         "dtype": settings.torch_dtype(),
+        # Finding 4 says these Hessians are J^T (diag(p) - p p^T) J: they are measured by
+        # products, not through that form (method="jacobian"), which would presume it.
+        "method": "lanczos",
     }
     if pool is not None:
         return pool.input_hessian(model, x, y, loss_fn=loss_fn, **options)

@@ -9,6 +9,7 @@ from analysis.hessian.dense import dense_matrix, dense_spectrum
 from analysis.hessian.density import slq_density
 from analysis.hessian.graphcache import NotTwiceDifferentiableError
 from analysis.hessian.inputs import InputHessian, input_hessian_eigenvalues, input_hessian_spectrum
+from analysis.hessian.jacobian import NotPiecewiseLinearError
 from analysis.hessian.lanczos import ConvergenceWarning, batched_lanczos, lanczos
 from analysis.hessian.power import power_iteration
 from analysis.hessian.protocol import BatchedOperator, LinearOperator
@@ -25,6 +26,7 @@ __all__ = [
     "InputHessian",
     "LinearOperator",
     "NonDeterminismError",
+    "NotPiecewiseLinearError",
     "NotTwiceDifferentiableError",
     "TraceResult",
     "WeightHessian",

@@ -246,8 +246,9 @@ def input_hessian_eigenvalues(
 ) -> torch.Tensor:
     """Tensor ``[n_samples, k]`` (``2k`` for "both") of per-sample input-Hessian eigenvalues.
 
-    Warns when any sample missed the tolerance; use ``input_hessian_spectrum`` for the
-    residuals and the per-sample converged mask.
+    Keyword arguments go to ``input_hessian_spectrum`` (``method="jacobian"`` or ``"auto"``
+    for the exact route). Warns when any sample missed the tolerance; use
+    ``input_hessian_spectrum`` for the residuals and the per-sample converged mask.
     """
     res = input_hessian_spectrum(model, loss_fn, x, y, k=k, which=which, **kwargs)
     missed = int((~res.converged).sum())
