@@ -404,7 +404,7 @@ class HessianPool:
         Samples are cut into blocks of ``batch_size`` (default: an equal share per actor)
         and whole blocks are dealt out in order, each seeded ``seed + start`` exactly as
         ``input_hessian_spectrum(..., batch_size=batch_size)`` does, so the rows equal a
-        local run with the same ``batch_size``.
+        local run with the same ``batch_size``; ``method`` is that function's.
         """
         n = int(x.shape[0])
         if n == 0 or y.shape[0] != n:

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from analysis.hessian import convolutions, piecewise
 from analysis.hessian.graphcache import check_twice_differentiable
 from analysis.hessian.lanczos import check_k, wanted_columns
 from analysis.hessian.modelutil import LossFn, exact_float32, summed_loss
-from analysis.hessian.results import BatchedEigenResult
+from analysis.hessian.results import BatchedEigenResult, concat_batched
 
 if TYPE_CHECKING:
     from analysis.hessian.inputs import InputHessian
@@ -31,6 +32,7 @@ backward pass per output, while Lanczos on a Hessian of rank below m needs fewer
 m as m grows (a CIFAR-shaped CNN, one CPU thread: faster at m = 10 and 20, slower from 32)."""
 
 GRAM_BYTES = 2**25  # float64 scratch for the Gram matrices, per slice of the input
+JACOBIAN_BYTES = 2**28  # the Jacobians of one pass's samples (a 512-sample CIFAR batch: 63 MB)
 
 # Linear in every input that depends on x: views, copies, sums, padding, linear pooling.
 _LINEAR = frozenset(
@@ -50,20 +52,23 @@ _LINEAR = frozenset(
         "AvgPool3DBackward0", "AdaptiveAvgPool2DBackward0", "AdaptiveAvgPool3DBackward0",
         "UpsampleNearest1DBackward0", "UpsampleNearest2DBackward0",
         "UpsampleBilinear2DBackward0",
-        "_ConvolutionBackward",  # leangraph's convolution: one operand is always constant
     }
 )  # fmt: skip
 # Piecewise linear: a mask, a selection or a slope chosen by the input's own values.
 _PIECEWISE = frozenset(
     {
         "ReluBackward0", "LeakyReluBackward0", "HardtanhBackward0", "ThresholdBackward0",
-        "PreluKernelBackward0", "AbsBackward0", "ClampBackward1", "MaximumBackward0",
+        "AbsBackward0", "ClampBackward1", "MaximumBackward0",
         "MinimumBackward0", "MaxBackward0", "MinBackward0", "AmaxBackward0",
         "AminBackward0", "WhereBackward0", "MaxPool2DWithIndicesBackward0",
         "MaxPool3DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0",
-        "_ReLUBackward", "_MaxPool2dBackward",  # leangraph's
     }
 )  # fmt: skip
+# leangraph's own Functions, by identity (a user's Function may share their names): a
+# convolution with one operand constant, ReLU and max-pooling
+_LEAN = frozenset(
+    f._backward_cls for f in (convolutions._Convolution, piecewise._ReLU, piecewise._MaxPool2d)
+)
 # Products: linear as long as at most one of these inputs depends on x.
 _PRODUCTS = {
     "MulBackward0": (0, 1),
@@ -75,10 +80,12 @@ _PRODUCTS = {
     "BaddbmmBackward0": (1, 2),
     "AddcmulBackward0": (1, 2),
     "ConvolutionBackward0": (0, 1),
+    "PreluKernelBackward0": (0, 1),
 }
 # Quotients: linear as long as the divisor does not depend on x.
 _DIVISORS = {"DivBackward0": 1}
-# Batch norm: linear with running statistics (``_saved_training`` False).
+# Batch norm: linear with running statistics (``_saved_training`` False) and a weight that
+# does not depend on x too.
 _BATCH_NORMS = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0"})
 
 
@@ -93,18 +100,26 @@ def nonlinear_node(output: torch.Tensor, x: torch.Tensor) -> str | None:
         return None
     depends = _dependence(output.grad_fn, x)
     for node, dep in depends.items():
-        name = type(node).__name__
-        if not dep or name == "AccumulateGrad" or name in _LINEAR or name in _PIECEWISE:
-            continue
-        inputs = [nxt is not None and depends[nxt] for nxt, _ in node.next_functions]
-        if name in _PRODUCTS and sum(inputs[i] for i in _PRODUCTS[name] if i < len(inputs)) <= 1:
-            continue
-        if name in _DIVISORS and not inputs[_DIVISORS[name]]:
-            continue
-        if name in _BATCH_NORMS and getattr(node, "_saved_training", True) is False:
-            continue
-        return name
+        if dep and not _piecewise_linear(node, depends):
+            return type(node).__name__
     return None
+
+
+def _piecewise_linear(node: object, depends: dict[object, bool]) -> bool:
+    """Whether the node (one on a path from x) is piecewise linear in its inputs from x."""
+    name = type(node).__name__
+    if name == "AbsBackward0":  # of a complex tensor: the modulus, not a fold
+        return not node._saved_self.is_complex()
+    if name == "AccumulateGrad" or name in _LINEAR or name in _PIECEWISE or type(node) in _LEAN:
+        return True
+    inputs = [nxt is not None and depends[nxt] for nxt, _ in node.next_functions]
+    if name in _PRODUCTS:
+        return sum(inputs[i] for i in _PRODUCTS[name] if i < len(inputs)) <= 1
+    if name in _DIVISORS:
+        return not inputs[_DIVISORS[name]]
+    if name in _BATCH_NORMS:
+        return getattr(node, "_saved_training", True) is False and sum(inputs[:2]) <= 1
+    return False
 
 
 def _dependence(root: object, x: torch.Tensor) -> dict[object, bool]:
@@ -135,7 +150,10 @@ def jacobian_spectrum(
 
     Raises ``NotPiecewiseLinearError`` when the model is not piecewise linear in its input,
     its output is not one tensor, or it has more than ``max_outputs`` outputs per sample.
-    Residuals are those of the small float64 eigenproblems (the zero eigenvalues' are 0).
+    Samples whose Jacobians would take more than ``JACOBIAN_BYTES`` go in several passes.
+    Residuals are those of the small float64 eigenproblems (the zero eigenvalues' are 0);
+    ``n_matvecs`` counts the backward passes through the model (the loss's m x m Hessians
+    take as many more through the loss alone).
     """
     d = int(op.size)
     check_k(k, d, which)
@@ -149,11 +167,18 @@ def jacobian_spectrum(
                 f"output tensor: {why}; use method='lanczos' (or 'auto', which picks it)"
             )
         n, m = int(z.shape[0]), int(z[0].numel())
+        rows = max(1, JACOBIAN_BYTES // (m * d * xs.element_size()))
+        if n > rows:  # free this graph and take the samples a part at a time
+            del xs, z
+            parts = [
+                jacobian_spectrum(op.subset(lo, lo + rows), k, which, max_outputs)
+                for lo in range(0, n, rows)
+            ]
+            return concat_batched(parts)
         jac = _jacobian(z, xs, n, m, d)
         hess = _output_hessians(op.loss_fn, z.detach(), op.y).double()
         gram = _gram(jac) if d > m else None
-    hess = (hess + hess.mT) / 2
-    if gram is None:
+    if gram is None:  # an input no larger than the output: its d x d Hessian directly
         jd = jac.double()
         _check_finite(jd.square().sum(dim=1), hess)
         values, resid = _eigh_with_residuals(jd.mT @ hess @ jd)
@@ -161,12 +186,7 @@ def jacobian_spectrum(
         _check_finite(gram.diagonal(dim1=1, dim2=2), hess)  # sums of squares: NaN/inf show
         s, u = torch.linalg.eigh(gram)
         r = u * s.clamp_min(0).sqrt().unsqueeze(1)  # G = R R^T: same nonzero spectrum as J^T H J
-        values, resid = _eigh_with_residuals(r.mT @ hess @ r)
-        pad = min(d - m, 2 * k)  # the zero eigenvalues the wanted ends can reach
-        values = torch.cat([values, values.new_zeros(n, pad)], dim=1)
-        resid = torch.cat([resid, resid.new_zeros(n, pad)], dim=1)
-        values, order = values.sort(dim=1)
-        resid = resid.gather(1, order)
+        values, resid = _with_zeros(*_eigh_with_residuals(r.mT @ hess @ r), min(d - m, 2 * k))
     cols = wanted_columns(values.shape[1], k, which)
     return BatchedEigenResult(
         eigenvalues=values[:, cols].flip(1).cpu(),
@@ -176,6 +196,17 @@ def jacobian_spectrum(
         n_iterations=0,
         method="jacobian",
     )
+
+
+def _with_zeros(
+    values: torch.Tensor, resid: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The m eigenvalues joined by ``count`` of the null space's zeros (as many as the wanted
+    ends can reach), sorted ascending, residuals alongside."""
+    values = torch.cat([values, values.new_zeros(len(values), count)], dim=1)
+    resid = torch.cat([resid, resid.new_zeros(len(resid), count)], dim=1)
+    values, order = values.sort(dim=1)
+    return values, resid.gather(1, order)
 
 
 def _check_finite(squares: torch.Tensor, hess: torch.Tensor) -> None:
@@ -221,9 +252,10 @@ def _jacobian(z: torch.Tensor, xs: torch.Tensor, n: int, m: int, d: int) -> torc
 
 
 def _output_hessians(loss_fn: LossFn, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``(n, m, m)``: each sample's Hessian of its own loss w.r.t. its m outputs ``z``."""
+    """``(n, m, m)``: each sample's Hessian of its own loss w.r.t. its m outputs ``z`` (a
+    detached tensor, which this makes a leaf of the loss's graph)."""
     n, m = int(z.shape[0]), int(z[0].numel())
-    zz = z.detach().requires_grad_(True)
+    zz = z.requires_grad_(True)
     with torch.enable_grad():
         loss = summed_loss(loss_fn, zz, y)
         (g,) = torch.autograd.grad(loss, zz, create_graph=True)

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.hessian import NotPiecewiseLinearError, input_hessian_spectrum
+from analysis.hessian import NotPiecewiseLinearError, input_hessian_spectrum, jacobian, leangraph
 from analysis.hessian.jacobian import AUTO_MAX_OUTPUTS, nonlinear_node
+from analysis.hessian.piecewise import HANDLERS
+from analysis.hessian.results import BatchedEigenResult, concat_batched
 from tests.analysis.hessian.reference import make_data, make_mlp
 from tests.analysis.hessian.test_inputs import CE, dense_input_spectra
 
@@ -43,9 +45,18 @@ def picked(exact: torch.Tensor, k: int, which: str) -> torch.Tensor:
     return {"largest": top, "smallest": bottom, "both": torch.cat([top, bottom], 1)}[which]
 
 
+@pytest.fixture(params=["lean graph", "PyTorch's graph"])
+def graph(request, monkeypatch):
+    """Both kinds of forward graph the check reads: with leangraph's Functions (the tests'
+    default, on tiny tensors too) and PyTorch's own nodes (what small batches get)."""
+    if request.param == "PyTorch's graph":
+        monkeypatch.setattr(leangraph, "MIN_ELEMENTS", 2**62)
+    return request.param
+
+
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("which", ["largest", "smallest", "both"])
-def test_every_end_matches_dense_hessians_of_a_relu_cnn(which, k):
+def test_every_end_matches_dense_hessians_of_a_relu_cnn(which, k, graph):
     model = relu_cnn()
     x, y = make_data(12, (1, 8, 8), classes=5)
     exact = dense_input_spectra(model, x, y)
@@ -124,26 +135,112 @@ class Gated(nn.Module):
         return self.a(x) * self.b(x)
 
 
+class _ReLU(torch.autograd.Function):
+    """A surrogate-gradient ReLU (spiking networks) sharing the name of leangraph's: its
+    backward depends on x, so it has curvature of its own."""
+
+    @staticmethod
+    def forward(x):
+        return x.clamp_min(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.sigmoid(4 * x)
+
+
 def test_the_graph_check_names_what_bends_and_passes_what_does_not():
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 6, dtype=torch.float64)
     c = torch.randn(6, dtype=torch.float64, requires_grad=True)  # another leaf: constant in x
+    img = x.reshape(3, 1, 2, 3)
+    k = torch.randn(2, 1, 1, 1, dtype=torch.float64)
+    zeros, ones = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
     cases = {
         "linear, relu, max": (torch.maximum(F.relu(x @ w), 2 * x - 1).sum(1), None),
         "scaled by a function of another leaf": (x * torch.tanh(c), None),
         "divided by a constant tensor": (x / (w.abs() + 1)[0], None),
+        "addmm: x added to x times a constant": (torch.addmm(x, x, w), None),
+        "leangraph's ReLU": (HANDLERS[F.relu]((x,), {}), None),
+        "a convolution with constant weights": (F.conv2d(img, k), None),
+        "batch norm with running statistics": (
+            F.batch_norm(x, zeros, ones, weight=c, training=False),
+            None,
+        ),
         "a square": (x * x, "MulBackward0"),
         "a product of linear maps": (Gated().double()(x), "MulBackward0"),
         "divided by itself": (w[0] / (x.abs() + 1), "DivBackward0"),
-        "log-softmax": (F.log_softmax(x, 1), "LogSoftmaxBackward0"),
-        "layer norm": (F.layer_norm(x, (6,)), "NativeLayerNormBackward0"),
+        "addmm of x and its transpose": (torch.addmm(w[:3, :3], x, x.T), "AddmmBackward0"),
+        "baddbmm of x with itself": (
+            torch.baddbmm(w[None, :1, :1], x[:, None], x[:, :, None]),
+            "BaddbmmBackward0",
+        ),
+        "addcmul of x with itself": (torch.addcmul(w[0], x, x), "AddcmulBackward0"),
+        "a convolution whose kernel is x": (
+            F.conv2d(img, x[:2, :1].reshape(2, 1, 1, 1)),
+            "ConvolutionBackward0",
+        ),
+        "PReLU whose slope is x": (F.prelu(x, x[0, :1]), "PreluKernelBackward0"),
+        "batch norm scaled by x": (
+            F.batch_norm(x, zeros, ones, weight=x[0], training=False),
+            "NativeBatchNormBackward0",
+        ),
         "batch norm on batch statistics": (
             F.batch_norm(x, None, None, training=True),
             "NativeBatchNormBackward0",
         ),
+        "the modulus of a complex map": ((x.to(torch.complex128) * (1 + 2j)).abs(), "AbsBackward0"),
+        "a user's Function named like leangraph's": (_ReLU.apply(x), "_ReLUBackward"),
+        "log-softmax": (F.log_softmax(x, 1), "LogSoftmaxBackward0"),
+        "layer norm": (F.layer_norm(x, (6,)), "NativeLayerNormBackward0"),
     }
     for what, (out, want) in cases.items():
         assert nonlinear_node(out, x) == want, what
+
+
+def test_both_ends_of_a_single_output_with_more_wanted_than_it_has():
+    def loss_fn(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cos(3 * z).mean() + ((z[:, 0] - y) ** 2).mean()
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+    x, _ = make_data(10, (6,))
+    y = torch.randn(10, dtype=torch.float64)
+    exact = dense_input_spectra(model, x, y, loss_fn)
+    assert bool((exact[:, 0] < -1e-6).any()) and bool((exact[:, -1] > 1e-6).any())
+    got = input_hessian_spectrum(model, loss_fn, x, y, k=2, which="both", method="jacobian")
+    torch.testing.assert_close(got.eigenvalues, picked(exact, 2, "both"), rtol=1e-9, atol=1e-12)
+
+
+def test_samples_past_the_memory_bound_go_in_passes(monkeypatch):
+    model = relu_cnn()
+    x, y = make_data(11, (1, 8, 8), classes=5)
+    whole = input_hessian_spectrum(model, CE, x, y, k=2, method="jacobian")
+    monkeypatch.setattr(jacobian, "JACOBIAN_BYTES", 4 * 5 * 64 * 8)  # 4 samples' Jacobians
+    parts = input_hessian_spectrum(model, CE, x, y, k=2, method="jacobian")
+    torch.testing.assert_close(parts.eigenvalues, whole.eigenvalues, rtol=1e-12, atol=1e-15)
+    assert (whole.n_matvecs, parts.n_matvecs) == (5, 15)  # three passes of 5 outputs
+
+
+def test_results_of_both_methods_join_in_order():
+    def part(value: float, method: str) -> BatchedEigenResult:
+        return BatchedEigenResult(
+            torch.full((2, 1), value),
+            torch.zeros(2, 1),
+            torch.ones(2, dtype=torch.bool),
+            3,
+            4,
+            method,
+        )
+
+    joined = concat_batched([part(1.0, "lanczos"), part(2.0, "jacobian"), part(3.0, "lanczos")])
+    assert joined.method == "jacobian+lanczos"
+    assert joined.eigenvalues[:, 0].tolist() == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
+    assert (joined.n_matvecs, joined.n_iterations) == (9, 4)
 
 
 def test_a_non_finite_sample_is_named():
