@@ -12,7 +12,9 @@ from analysis.hessian import (
     WeightHessian,
     hutchinson_trace,
     input_hessian_eigenvalues,
+    input_hessian_spectrum,
     lanczos,
+    leangraph,
     slq_density,
 )
 from benchmarks.hessian_setups import cifar_cnn
@@ -92,3 +94,27 @@ def test_large_convolutions_on_cuda_keep_float32_accuracy():
     for out in (op32.matvec(v), op32.matvec(v)):  # building the kept graph, then through it
         assert float((out.double() - ref).norm() / ref.norm()) < 2e-3
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == flags
+
+
+@pytest.mark.parametrize("lean", ["rewritten", "PyTorch's own"])
+def test_the_jacobian_route_on_cuda_matches_the_cpu_and_lanczos(lean, monkeypatch):
+    """cuDNN's own batch-norm and convolution nodes (below leangraph's GPU bar) qualify as
+    on the CPU, and the float32 route on a large CNN stays within float32 reach of float64."""
+    if lean == "PyTorch's own":
+        monkeypatch.setattr(leangraph, "MIN_ELEMENTS_GPU", 2**62)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 16 * 16, 10),
+    )  # fmt: skip
+    model[1].running_var.uniform_(0.5, 2.0)
+    x, y = torch.randn(300, 3, 32, 32), torch.randint(0, 10, (300,))
+    cpu = input_hessian_spectrum(model, CE, x, y, k=2, which="both", method="jacobian",
+                                 dtype=torch.float64)  # fmt: skip
+    m, xc, yc = _on_cuda(model, x, y, torch.float32)
+    gpu = input_hessian_spectrum(m, CE, xc, yc, k=2, which="both", method="auto")
+    assert gpu.method == "jacobian"
+    scale = float(cpu.eigenvalues.abs().max())
+    assert float((gpu.eigenvalues - cpu.eigenvalues).abs().max()) < 1e-5 * scale
+    lz = input_hessian_spectrum(m, CE, xc, yc, k=2, which="largest", tol=1e-8)
+    assert torch.allclose(gpu.eigenvalues[:, :2], lz.eigenvalues, rtol=1e-4, atol=1e-6 * scale)
