@@ -197,7 +197,7 @@ class ShardActor:
     ) -> BatchedEigenResult:
         """Per-sample input-Hessian eigenvalues of the given samples (CPU tensors)."""
         model = without_grad(self._model(handle))
-        return concat_batched([input_hessian_spectrum(model, loss_fn, x, y, **options)])
+        return input_hessian_spectrum(model, loss_fn, x, y, **options)  # CPU tensors already
 
     def info(self) -> dict[str, Any]:
         """What this actor holds and has used (pid, device, shard size, cache, CPU seconds)."""
