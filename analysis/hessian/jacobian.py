@@ -44,7 +44,8 @@ _LINEAR = frozenset(
         "PermuteBackward0", "TransposeBackward0", "TBackward0", "ExpandBackward0",
         "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0",
         "CloneBackward0", "AliasBackward0", "SliceBackward0", "SelectBackward0",
-        "IndexBackward0", "CatBackward0", "StackBackward0", "SplitBackward0",
+        "IndexBackward0", "IndexSelectBackward0", "GatherBackward0", "CumsumBackward0",
+        "CatBackward0", "StackBackward0", "SplitBackward0",
         "SplitWithSizesBackward0", "UnbindBackward0", "RepeatBackward0", "FlipBackward0",
         "RollBackward0", "PixelShuffleBackward0", "Im2ColBackward0", "ToCopyBackward0",
         "ConstantPadNdBackward0", "ReflectionPad1DBackward0", "ReflectionPad2DBackward0",
@@ -60,7 +61,8 @@ _PIECEWISE = frozenset(
         "ReluBackward0", "LeakyReluBackward0", "HardtanhBackward0", "ThresholdBackward0",
         "AbsBackward0", "ClampBackward1", "MaximumBackward0",
         "MinimumBackward0", "MaxBackward0", "MinBackward0", "AmaxBackward0",
-        "AminBackward0", "WhereBackward0", "MaxPool2DWithIndicesBackward0",
+        "AminBackward0", "WhereBackward0", "MaskedFillBackward0", "SortBackward0",
+        "TopkBackward0", "MaxPool2DWithIndicesBackward0",
         "MaxPool3DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0",
     }
 )  # fmt: skip

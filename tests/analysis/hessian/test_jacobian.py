@@ -165,6 +165,14 @@ def test_the_graph_check_names_what_bends_and_passes_what_does_not():
         "scaled by a function of another leaf": (x * torch.tanh(c), None),
         "divided by a constant tensor": (x / (w.abs() + 1)[0], None),
         "addmm: x added to x times a constant": (torch.addmm(x, x, w), None),
+        "selections, sorts and running sums": (
+            x.index_select(1, torch.tensor([0, 2])).cumsum(1)
+            + x.sort(1).values[:, :2]
+            + x.topk(2).values
+            + x.gather(1, x.argmax(1, keepdim=True))
+            + x.masked_fill(x > 0, 0.0)[:, :2],
+            None,
+        ),
         "leangraph's ReLU": (HANDLERS[F.relu]((x,), {}), None),
         "a convolution with constant weights": (F.conv2d(img, k), None),
         "batch norm with running statistics": (
