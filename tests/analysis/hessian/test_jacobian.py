@@ -14,6 +14,7 @@ from analysis.hessian.piecewise import HANDLERS
 from analysis.hessian.results import BatchedEigenResult, concat_batched
 from tests.analysis.hessian.reference import make_data, make_mlp
 from tests.analysis.hessian.test_inputs import CE, dense_input_spectra
+from trainables.models import build_model, model_names
 
 
 def relu_cnn(classes: int = 5) -> nn.Module:
@@ -268,3 +269,17 @@ def test_clear_errors_for_the_method_and_k():
         input_hessian_spectrum(model, CE, x, y, k=7, method="jacobian")
     with pytest.raises(ValueError, match="which='both' with k=4"):
         input_hessian_spectrum(model, CE, x, y, k=4, which="both", method="jacobian")
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_model_the_study_trains_qualifies(name):
+    """The registry's models (BatchNorm, residual blocks, dropout) take the exact route under
+    "auto", and it agrees with Lanczos on the same float32 model."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, in_channels=3, image_size=16).eval()
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    auto = input_hessian_spectrum(model, CE, x, y, k=1, which="both", method="auto")
+    lanczos = input_hessian_spectrum(model, CE, x, y, k=1, which="both", tol=1e-8)
+    assert auto.method == "jacobian"
+    scale = float(lanczos.eigenvalues.abs().max())
+    assert float((auto.eigenvalues - lanczos.eigenvalues).abs().max()) < 1e-5 * scale
