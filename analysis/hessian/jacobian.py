@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 AUTO_MAX_OUTPUTS = 20
 """``method="auto"`` takes this route up to this many model outputs per sample: it costs one
 backward pass per output, while Lanczos on a Hessian of rank below m needs fewer steps than
-m as m grows (a CIFAR-shaped CNN, one CPU thread: faster at m = 10 and 20, slower from 32)."""
+m as m grows (a CIFAR-shaped CNN, one CPU thread: faster at m = 10 and 20, as fast at 32,
+slower at 50)."""
 
 GRAM_BYTES = 2**25  # float64 scratch for the Gram matrices, per slice of the input
 JACOBIAN_BYTES = 2**28  # the Jacobians of one pass's samples (a 512-sample CIFAR batch: 63 MB)
