@@ -263,9 +263,7 @@ def input_goals(rows: list[dict[str, Any]], by: dict, tag: str, clock: str) -> l
             and not r["key"].startswith("batched")
             and r.get("method", method) == method
         ]
-        if not batched or not batched["times"] or not loops:
-            continue
-        if not all(r["times"] for r in loops):
+        if not batched or not batched["times"] or not loops or not all(r["times"] for r in loops):
             continue
         fastest = min(loops, key=lambda r: tval(r, clock))
         rb = tval(fastest, clock) / tval(batched, clock)

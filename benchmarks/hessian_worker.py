@@ -422,8 +422,8 @@ def input_hessians(s: Setting, ref, rec: Recorder, repeats: int, loop_cap: float
             "hessweep batched" + ("" if method == "lanczos" else f", method='{method}'"),
             settings=f"input_hessian_eigenvalues(k=1, tol={tol:g}, method='{method}') on all "
             f"{N_INPUT} samples {how}",
+            method=method,
         )
-        r["method"] = method
         batched.append(r)
     loops = []
     for key, method in (("loop_engine", "lanczos"), ("loop_jacobian", "jacobian")):
@@ -434,8 +434,8 @@ def input_hessians(s: Setting, ref, rec: Recorder, repeats: int, loop_cap: float
             + ("" if method == "lanczos" else f", method='{method}'"),
             settings=f"for each sample: input_hessian_eigenvalues(x[i:i+1], k=1, tol={tol:g}, "
             f"method='{method}') [the same engine, batch of one]",
+            method=method,
         )
-        r["method"] = method
         loops.append((r, engine(method)))
     if x[0].numel() <= 256:  # a dense d x d Hessian per sample is only sensible for small d
         loops.append(
