@@ -168,17 +168,21 @@ class SpectrumReport:
 
 
 def neg_fraction(eig_max: np.ndarray, eig_min: np.ndarray, rtol: float = NEG_RTOL) -> float:
-    """Fraction of samples with ``eig_min < -rtol * max_i |eig_max_i|`` (NaN for no samples).
+    """Fraction of samples with ``eig_min < -rtol * max_i |eig_max_i|`` among those with a
+    finite ``eig_min`` (NaN for none).
 
     The scale is the largest over the samples, not each sample's own: a confidently
     classified sample's input Hessian can be ~1e-160, where the sign of what is left is
-    rounding, and a per-sample scale counted it as clearly negative.
+    rounding, and a per-sample scale counted it as clearly negative. A sample without a
+    finite smallest eigenvalue says nothing either way, so it is left out of the fraction.
     """
     scale = np.abs(eig_max)
     scale = scale[np.isfinite(scale)]
-    if not len(scale):
+    lows = np.asarray(eig_min, dtype=float)
+    lows = lows[np.isfinite(lows)]
+    if not len(scale) or not len(lows):
         return float("nan")
-    return float(np.mean(eig_min < -rtol * scale.max()))
+    return float(np.mean(lows < -rtol * scale.max()))
 
 
 def _local_batches(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

@@ -43,9 +43,12 @@ RULES = (
     f"A batch-size trend (findings 1 and 2) is tested per robust setting with Spearman's rho "
     f"over trials (each seed a point) and a one-sided permutation p-value in the claimed "
     f"direction. It agrees when rho has the claimed sign with |rho| >= {MIN_RHO} and "
-    f"p < {ALPHA}; it is inconclusive when rho has the claimed sign and |rho| >= {MIN_RHO} but "
-    f"p >= {ALPHA}; otherwise it contradicts. It needs {MIN_BATCH_SIZES} or more batch sizes "
-    "with finite values.",
+    f"p < {ALPHA}. It contradicts when rho has the other sign with |rho| >= {MIN_RHO}, or when "
+    f"it is weaker than that although the sweep has the trials to show one (a rho of "
+    f"{MIN_RHO} in the claimed direction would give p < {ALPHA} there). Anything else is "
+    f"inconclusive, as is a quantity with one value in every trial (nothing to rank). It "
+    f"needs {MIN_BATCH_SIZES} or more batch sizes with finite values; trials whose solver did "
+    "not converge are left out of the trends they would enter, and named.",
     "A finding is Supported when every testable part agrees, Not supported when any part "
     "contradicts, and Not enough data otherwise (nothing testable, or only inconclusive parts).",
     "Finding 3 compares lambda_max per batch size: the robust setting is flatter there when "
@@ -54,14 +57,19 @@ RULES = (
     "least two of them.",
     f"Finding 4 pools the input-Hessian samples of all trials: Supported when at most "
     f"{MAX_NEG_FRACTION:.0%} of samples have a clearly negative smallest eigenvalue (the "
-    f"sweep's own neg_fraction rule) and the most negative eigenvalue is within "
+    f"sweep's own neg_fraction rule), still so when every sample whose solve did not converge "
+    f"is counted as negative too, and the most negative eigenvalue is within "
     f"{MAX_NEG_RATIO:g} of the largest in magnitude; it needs {MIN_INPUT_SAMPLES} samples.",
 )
 
 
 @dataclass(frozen=True)
 class Trend:
-    """One Spearman test of a quantity against batch size within one robust setting."""
+    """One Spearman test of a quantity against batch size within one robust setting.
+
+    ``p_floor`` is the smallest p-value these trials can give (ties included), and
+    ``detectable`` whether a rho of ``MIN_RHO`` in the claimed direction would reach
+    ``ALPHA`` with them."""
 
     robust: str
     quantity: str
@@ -70,6 +78,9 @@ class Trend:
     rho: float
     p_value: float
     outcome: str
+    p_floor: float = math.nan
+    detectable: bool = False
+    constant: float = math.nan
 
     def describe(self) -> str:
         """One line of evidence."""
@@ -78,14 +89,29 @@ class Trend:
                 f"{self.robust}: {self.quantity} has {self.n_batch_sizes} batch size(s) with "
                 f"finite values; a trend needs {MIN_BATCH_SIZES}"
             )
+        if self.outcome == "no variation":
+            line = (
+                f"{self.robust}: {self.quantity} is {self.constant:.4g} in all {self.n_points} "
+                f"trials at {self.n_batch_sizes} batch sizes: nothing to rank -> inconclusive"
+            )
+            if "adversarial" in self.quantity:
+                line += " (an attack too strong or too weak to tell the models apart)"
+            return line
         line = (
             f"{self.robust}: Spearman rho(batch size, {self.quantity}) = {self.rho:+.2f}, "
             f"one-sided p = {self.p_value:.3g} over {self.n_points} trials at "
             f"{self.n_batch_sizes} batch sizes -> {self.outcome}"
         )
-        if self.outcome == "inconclusive" and self.n_points <= 5:
-            floor = 1 / math.factorial(self.n_points)
-            line += f" ({self.n_points} trials cannot give p below {floor:.3g}: add seeds or sizes)"
+        strong = abs(self.rho) >= MIN_RHO
+        if self.outcome == "inconclusive" and strong and self.p_floor >= ALPHA:
+            line += (
+                f" ({self.n_points} trials cannot give p below {self.p_floor:.3g}: add seeds "
+                "or sizes)"
+            )
+        elif self.outcome == "inconclusive" and not strong:
+            line += f" (weak, and too few trials to show a rho of {MIN_RHO} at p < {ALPHA})"
+        elif self.outcome == "contradicts" and not strong:
+            line += f" (a rho of {MIN_RHO} would have given p < {ALPHA} with these trials)"
         return line
 
 
@@ -105,8 +131,17 @@ def one_sided_spearman(
 ) -> tuple[float, float]:
     """Spearman's rho and the permutation p-value of a trend at least as strong in ``sign``'s
     direction (exact up to 7 points, else ``PERMUTATIONS`` seeded random pairings)."""
+    rho, p, _ = _spearman_test(x, y, sign, seed)
+    return rho, p
+
+
+def _spearman_test(
+    x: np.ndarray, y: np.ndarray, sign: int, seed: int = 0
+) -> tuple[float, float, np.ndarray]:
+    """``one_sided_spearman`` with the permutation null distribution of rho (empty when rho
+    is undefined)."""
     if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan, math.nan
+        return math.nan, math.nan, np.empty(0)
     rho = float(stats.spearmanr(x, y).statistic)
     rx, ry = stats.rankdata(x), stats.rankdata(y)
 
@@ -124,7 +159,17 @@ def one_sided_spearman(
         alternative="greater" if sign > 0 else "less",
         rng=np.random.default_rng(seed),
     )
-    return rho, float(res.pvalue)
+    return rho, float(res.pvalue), np.asarray(res.null_distribution, dtype=float)
+
+
+def _tail(null: np.ndarray, value: float, sign: int, n_points: int) -> float:
+    """The one-sided permutation p-value a rho of ``value`` would get in ``sign``'s direction
+    (SciPy's convention: a share of all pairings, or (hits + 1) / (resamples + 1))."""
+    eps = 1e-14 * max(abs(value), 1.0)
+    hits = int((null >= value - eps).sum() if sign > 0 else (null <= value + eps).sum())
+    if math.factorial(n_points) <= PERMUTATIONS:
+        return hits / len(null)
+    return (hits + 1) / (len(null) + 1)
 
 
 def comparable(trials: pd.DataFrame) -> pd.DataFrame:
@@ -134,17 +179,40 @@ def comparable(trials: pd.DataFrame) -> pd.DataFrame:
     return trials[~trials["diverged"].astype(bool) & ~missed]
 
 
+SOLVED = {
+    "converged": " of the lambda_max tests (findings 1 and 3), their weight-Hessian Lanczos "
+    "did not converge (hessian/converged 0)",
+    "input_converged": " of the input-Hessian trend (finding 2), not every sample's solve "
+    "converged (input_hessian/converged_fraction below 1)",
+}
+
+
+def converged(trials: pd.DataFrame, column: str) -> pd.Series:
+    """Which trials' solver converged by ``column`` (``converged``: 1/0; ``input_converged``:
+    the converged fraction); runs that did not log it count as converged."""
+    if column not in trials:
+        return pd.Series(True, index=trials.index)
+    values = trials[column].astype(float)
+    return values.isna() | (values >= 1.0)
+
+
 def excluded(trials: pd.DataFrame) -> list[str]:
-    """Evidence lines naming the trials ``comparable`` leaves out, and why."""
+    """Evidence lines naming the trials ``comparable`` and ``converged`` leave out, and why."""
     out = []
     diverged = trials[trials["diverged"].astype(bool)]
     missed = trials[~trials["diverged"].astype(bool) & (trials["reached_target"] == 0.0)]
-    for label, rows in (("diverged", diverged), ("did not reach target_train_loss", missed)):
+    usable = comparable(trials)
+    unsolved = [(why, usable[~converged(usable, column)]) for column, why in SOLVED.items()]
+    for label, rows in (
+        (", diverged", diverged),
+        (", did not reach target_train_loss", missed),
+        *unsolved,
+    ):
         if len(rows):
             names = ", ".join(
                 f"bs={r.batch_size} {r.robust} seed={r.seed}" for r in rows.itertuples()
             )
-            out.append(f"left out, {label}: {names}")
+            out.append(f"left out{label}: {names}")
     if len(trials) and trials["reached_target"].astype(float).isna().all():
         line = (
             "caveat: no target_train_loss was set, so batch sizes are compared at whatever "
@@ -159,10 +227,15 @@ def excluded(trials: pd.DataFrame) -> list[str]:
     return out
 
 
-def batch_trends(trials: pd.DataFrame, column: str, quantity: str, sign: int) -> list[Trend]:
-    """The trend of ``column`` in batch size for each robust setting (comparable trials)."""
+def batch_trends(
+    trials: pd.DataFrame, column: str, quantity: str, sign: int, solved: str | None = None
+) -> list[Trend]:
+    """The trend of ``column`` in batch size for each robust setting (comparable trials; with
+    ``solved``, only those whose solver converged by that column, ``converged``)."""
     out = []
     usable = comparable(trials)
+    if solved is not None:
+        usable = usable[converged(usable, solved)]
     for robust in robust_order(list(trials["robust"])):
         cell = usable[usable["robust"] == robust]
         cell = cell[np.isfinite(cell[column].astype(float))]
@@ -171,21 +244,39 @@ def batch_trends(trials: pd.DataFrame, column: str, quantity: str, sign: int) ->
             out.append(Trend(robust, quantity, len(cell), n_batches, math.nan, math.nan, "too few"))
             continue
         x, y = cell["batch_value"].to_numpy(float), cell[column].to_numpy(float)
-        rho, p = one_sided_spearman(x, y, sign)
-        strong = not math.isnan(rho) and sign * rho >= MIN_RHO
-        if strong and p < ALPHA:
+        if np.ptp(y) == 0:
+            out.append(
+                Trend(
+                    robust,
+                    quantity,
+                    len(cell),
+                    n_batches,
+                    math.nan,
+                    math.nan,
+                    "no variation",
+                    constant=float(y[0]),
+                )
+            )
+            continue
+        rho, p, null = _spearman_test(x, y, sign)
+        edge = float(null.max() if sign > 0 else null.min())
+        floor = _tail(null, edge, sign, len(cell))
+        detectable = _tail(null, sign * MIN_RHO, sign, len(cell)) < ALPHA
+        if sign * rho >= MIN_RHO and p < ALPHA:
             outcome = "agrees"
-        elif strong:
-            outcome = "inconclusive"
-        else:
+        elif sign * rho <= -MIN_RHO or (sign * rho < MIN_RHO and detectable):
             outcome = "contradicts"
-        out.append(Trend(robust, quantity, len(cell), n_batches, rho, p, outcome))
+        else:
+            outcome = "inconclusive"
+        out.append(
+            Trend(robust, quantity, len(cell), n_batches, rho, p, outcome, floor, detectable)
+        )
     return out
 
 
 def combine(outcomes: list[str]) -> str:
     """The verdict from the parts' outcomes ('agrees', 'contradicts', 'inconclusive', ...)."""
-    tested = [o for o in outcomes if o in ("agrees", "contradicts", "inconclusive")]
+    tested = [o for o in outcomes if o in ("agrees", "contradicts", "inconclusive", "no variation")]
     if any(o == "contradicts" for o in tested):
         return NOT_SUPPORTED
     if tested and all(o == "agrees" for o in tested):
@@ -202,7 +293,7 @@ def _trend_stats(trends: list[Trend]) -> dict[str, Any]:
 
 def finding_batch_sharpness(trials: pd.DataFrame) -> Finding:
     """Finding 1: lambda_max rises with batch size in every robust setting."""
-    trends = batch_trends(trials, "lambda_max", "lambda_max", +1)
+    trends = batch_trends(trials, "lambda_max", "lambda_max", +1, solved="converged")
     verdict = combine([t.outcome for t in trends])
     return Finding(1, CLAIMS[1], verdict, tuple(t.describe() for t in trends), _trend_stats(trends))
 
@@ -210,7 +301,9 @@ def finding_batch_sharpness(trials: pd.DataFrame) -> Finding:
 def finding_batch_robustness(trials: pd.DataFrame) -> Finding:
     """Finding 2: adversarial accuracy falls and input-Hessian lambda_max rises with batch."""
     adv = batch_trends(trials, "adv_acc", "adversarial accuracy", -1)
-    inp = batch_trends(trials, "input_lambda_max", "input-Hessian lambda_max", +1)
+    inp = batch_trends(
+        trials, "input_lambda_max", "input-Hessian lambda_max", +1, solved="input_converged"
+    )
     parts = [combine([t.outcome for t in adv]), combine([t.outcome for t in inp])]
     if NOT_SUPPORTED in parts:
         verdict = NOT_SUPPORTED
@@ -229,6 +322,7 @@ def finding_batch_robustness(trials: pd.DataFrame) -> Finding:
 def finding_robust_flatter(trials: pd.DataFrame) -> Finding:
     """Finding 3: each robust setting's lambda_max is below plain training's per batch size."""
     usable = comparable(trials)
+    usable = usable[converged(usable, "converged")]
     ok = usable[np.isfinite(usable["lambda_max"].astype(float))]
     labels = robust_order(list(ok["robust"]))
     if "none" not in labels or len(labels) < 2:
@@ -296,6 +390,7 @@ def finding_saddle_free(trials: pd.DataFrame) -> Finding:
         )
     weights = have["input_samples"].to_numpy(float)
     neg = float(np.average(have["neg_fraction"].to_numpy(float), weights=weights))
+    unsolved = int(have["input_unconverged"].sum()) if "input_unconverged" in have else 0
     ratios = have["min_eig_ratio"].to_numpy(float)
     worst = float(np.nanmin(ratios)) if np.isfinite(ratios).any() else math.nan
     worst_row = have.iloc[int(np.nanargmin(ratios))] if np.isfinite(ratios).any() else None
@@ -303,14 +398,25 @@ def finding_saddle_free(trials: pd.DataFrame) -> Finding:
         f"{n} test samples over {len(have)} trial(s): {neg:.2%} have a clearly negative "
         "smallest input-Hessian eigenvalue (input_hessian/neg_fraction, weighted by samples)",
     ]
+    if unsolved:
+        evidence.append(
+            f"{unsolved} sample(s)' solves did not converge: a smallest eigenvalue that has not "
+            f"converged is only an upper bound, so at most {neg + unsolved / n:.2%} are negative"
+        )
     if worst_row is not None:
         evidence.append(
             f"most negative eigenvalue relative to the largest: {worst:.3g} "
             f"(bs={worst_row['batch_size']} {worst_row['robust']} seed={worst_row['seed']})"
         )
-    ok_ratio = math.isnan(worst) or worst >= -MAX_NEG_RATIO
-    verdict = SUPPORTED if neg <= MAX_NEG_FRACTION and ok_ratio else NOT_SUPPORTED
-    stats_ = {"samples": n, "neg_fraction": neg, "min_eig_ratio": worst}
+    else:
+        evidence.append("no sample has a nonzero largest eigenvalue to scale the smallest by")
+    if neg > MAX_NEG_FRACTION or worst < -MAX_NEG_RATIO:
+        verdict = NOT_SUPPORTED
+    elif worst_row is None or neg + unsolved / n > MAX_NEG_FRACTION:
+        verdict = NOT_ENOUGH
+    else:
+        verdict = SUPPORTED
+    stats_ = {"samples": n, "neg_fraction": neg, "min_eig_ratio": worst, "unconverged": unsolved}
     return Finding(4, CLAIMS[4], verdict, tuple(evidence), stats_)
 
 

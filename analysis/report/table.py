@@ -28,6 +28,8 @@ METRICS = {
     "trace": "hessian/trace",
     "input_lambda_max": "input_hessian/eig_1_mean",
     "neg_fraction": "input_hessian/neg_fraction",
+    "converged": "hessian/converged",
+    "input_converged": "input_hessian/converged_fraction",
 }
 
 
@@ -46,13 +48,28 @@ def robust_order(labels: list[str]) -> list[str]:
     return sorted(set(labels), key=lambda r: (r != "none", r))
 
 
-def _min_eig_ratio(trial: Trial) -> float:
-    """Most negative input-Hessian eigenvalue relative to the largest (NaN without data)."""
+def _finite_inputs(trial: Trial) -> pd.DataFrame | None:
+    """The trial's per-sample input-Hessian rows with finite eigenvalues (None without data)."""
     frame = trial.spectra.get("input_hessian")
+    if frame is None:
+        return None
+    keep = np.isfinite(frame["eig_max"].astype(float)) & np.isfinite(frame["eig_min"].astype(float))
+    return frame[keep]
+
+
+def _min_eig_ratio(frame: pd.DataFrame | None) -> float:
+    """Most negative input-Hessian eigenvalue relative to the largest (NaN without data)."""
     if frame is None or not len(frame):
         return float("nan")
     top = float(np.max(np.abs(frame["eig_max"])))
     return float(np.min(frame["eig_min"])) / top if top > 0 else float("nan")
+
+
+def _unconverged(frame: pd.DataFrame | None) -> int:
+    """How many of the samples' input-Hessian solves did not converge (0 when not logged)."""
+    if frame is None or "converged" not in frame:
+        return 0
+    return int((~frame["converged"].astype(bool)).sum())
 
 
 def _reached(trial: Trial) -> float:
@@ -68,7 +85,7 @@ def trial_frame(sweep: Sweep, n_train: int | None = None) -> pd.DataFrame:
     numeric = [float(t.batch_size) for t in sweep.trials if t.batch_size != "full"]
     rows = []
     for t in sweep.trials:
-        inputs = t.spectra.get("input_hessian")
+        inputs = _finite_inputs(t)
         row = {
             "robust": t.robust,
             "batch_size": t.batch_size,
@@ -78,8 +95,9 @@ def trial_frame(sweep: Sweep, n_train: int | None = None) -> pd.DataFrame:
             "diverged": t.diverged,
             "train_loss": t.metrics.get("train/loss", math.nan),
             "reached_target": _reached(t),
-            "min_eig_ratio": _min_eig_ratio(t),
+            "min_eig_ratio": _min_eig_ratio(inputs),
             "input_samples": 0 if inputs is None else len(inputs),
+            "input_unconverged": _unconverged(inputs),
             "run_id": t.run_id,
         }
         row.update({col: t.metrics.get(key, math.nan) for col, key in METRICS.items()})

@@ -205,6 +205,9 @@ def test_neg_fraction_is_relative_to_the_largest_eigenvalue_of_all_samples():
     assert neg_fraction(np.array([np.nan, 1.0]), np.array([0.0, -0.5])) == 0.5  # NaN: no scale
     assert math.isnan(neg_fraction(np.array([np.nan]), np.array([-1.0])))
     assert math.isnan(neg_fraction(np.zeros(0), np.zeros(0)))
+    # a sample without a finite smallest eigenvalue is neither negative nor counted
+    assert neg_fraction(np.array([1.0, 2.0, np.nan]), np.array([-0.5, np.nan, np.nan])) == 1.0
+    assert math.isnan(neg_fraction(np.array([1.0]), np.array([np.nan])))
 
 
 def test_bad_dtype_is_named():

@@ -10,6 +10,7 @@ import pytest
 
 from analysis.report import NOT_ENOUGH, NOT_SUPPORTED, SUPPORTED, all_findings
 from analysis.report.findings import (
+    batch_trends,
     finding_batch_robustness,
     finding_batch_sharpness,
     finding_robust_flatter,
@@ -90,6 +91,42 @@ def test_noisy_sweep_without_trend_is_not_supported():
     rho = f1.statistics["lambda_max | none"]["rho"]
     assert abs(rho) < 0.5
     assert f1.verdict == NOT_SUPPORTED
+    # 20 trials would have shown a rho of 0.5: the weak trend is evidence against the claim
+    assert "would have given p < 0.05" in f1.evidence[0]
+
+
+def test_weak_trend_in_few_trials_is_not_enough_data_whichever_its_sign():
+    # four points: rho +0.4 and -0.4, neither strong, and four trials cannot show rho 0.5
+    for values, rho in (([1.0, 3.0, 2.0, 1.5], 0.2), ([2.0, 1.0, 4.0, 0.5], -0.4)):
+        trials = table(lam=lambda r, b, s, v=values: v[b])
+        f1 = finding_batch_sharpness(trials)
+        assert f1.statistics["lambda_max | none"]["rho"] == pytest.approx(rho)
+        assert f1.verdict == NOT_ENOUGH
+        assert "too few trials to show a rho of 0.5" in f1.evidence[0]
+    # a strong trend the other way is evidence against, even in four trials
+    down = table(lam=lambda r, b, s: [3.0, 4.0, 2.0, 1.0][b])
+    assert finding_batch_sharpness(down).verdict == NOT_SUPPORTED
+
+
+def test_a_quantity_without_variation_is_inconclusive_not_a_contradiction():
+    # a strong attack leaves every model at 0% adversarial accuracy: nothing to rank
+    trials = table(
+        lam=lambda r, b, s: 1.0 + b, adv=lambda r, b, s: 0.0, inp=lambda r, b, s: 1.0 + b
+    )
+    f2 = finding_batch_robustness(trials)
+    assert f2.verdict == NOT_ENOUGH
+    assert any("adversarial accuracy is 0 in all 4 trials" in e for e in f2.evidence)
+    assert "adversarial accuracy part: Not enough data" in f2.evidence[-1]
+
+
+def test_the_p_value_floor_counts_tied_batch_sizes():
+    # batch 64 twice: the best ordering has two tied pairings, so p cannot go below 2/24
+    rows = table(lam=lambda r, b, s: 1.0, batches=["16", "64", "64", "256"])
+    rows["lambda_max"] = [1.0, 2.0, 3.0, 4.0]
+    (trend,) = batch_trends(rows, "lambda_max", "lambda_max", +1)
+    assert trend.outcome == "inconclusive"
+    assert trend.p_value == pytest.approx(2 / 24) and trend.p_floor == pytest.approx(2 / 24)
+    assert "4 trials cannot give p below 0.0833" in trend.describe()
 
 
 def test_weak_monotone_evidence_is_not_enough_data():
@@ -139,6 +176,47 @@ def test_robustness_finding_needs_both_parts():
     f2 = finding_batch_robustness(only_adv)
     assert f2.verdict == NOT_ENOUGH
     assert "input-Hessian part: Not enough data" in f2.evidence[-1]
+
+
+def test_trials_whose_solver_did_not_converge_are_left_out_and_named():
+    trials = table(
+        lam=lambda r, b, s: [1.0, 2.0, 3.0, 4.0, 5.0][b] * (1 if r == 0 else 0.5),
+        inp=lambda r, b, s: 1.0 + b,
+        robust=("none", "fgsm-0.1"),
+        batches=["16", "64", "256", "full"],
+    ).assign(converged=1.0, input_converged=1.0)
+    trials.loc[(trials["batch_size"] == "full") & (trials["robust"] == "none"), "converged"] = 0.0
+    trials.loc[trials["batch_size"] == "16", "input_converged"] = 0.99
+    f1, f2, f3, _ = all_findings(trials)
+    assert f1.statistics["lambda_max | none"]["n"] == 3
+    assert f1.statistics["lambda_max | fgsm-0.1"]["n"] == 4
+    assert (
+        "lambda_max | none | full" not in str(f3.statistics) and "none | full" not in f3.statistics
+    )
+    assert "fgsm-0.1 | full" not in f3.statistics  # its plain partner is left out
+    assert f2.statistics["input-Hessian lambda_max | none"]["n"] == 3
+    named = [e for e in f1.evidence if e.startswith("left out of the lambda_max tests")]
+    assert named == [
+        "left out of the lambda_max tests (findings 1 and 3), their weight-Hessian Lanczos "
+        "did not converge (hessian/converged 0): bs=full none seed=0"
+    ]
+    assert any(e.startswith("left out of the input-Hessian trend") for e in f2.evidence)
+    # runs that did not log convergence (NaN) count as converged
+    legacy = trials.assign(converged=math.nan, input_converged=math.nan)
+    assert finding_batch_sharpness(legacy).statistics["lambda_max | none"]["n"] == 4
+
+
+def test_saddle_free_counts_unconverged_samples_against_it():
+    base = table(lam=lambda r, b, s: 1.0)  # 4 trials x 50 samples, none negative
+    assert finding_saddle_free(base.assign(input_unconverged=0)).verdict == SUPPORTED
+    assert finding_saddle_free(base.assign(input_unconverged=[0, 1, 0, 0])).verdict == SUPPORTED
+    f4 = finding_saddle_free(base.assign(input_unconverged=[3, 0, 0, 0]))  # up to 1.5%
+    assert f4.verdict == NOT_ENOUGH and f4.statistics["unconverged"] == 3
+    assert any("at most 1.50% are negative" in e for e in f4.evidence)
+    clearly = base.assign(input_unconverged=[3, 0, 0, 0], neg_fraction=0.05)
+    assert finding_saddle_free(clearly).verdict == NOT_SUPPORTED  # negatives are certain
+    no_scale = base.assign(min_eig_ratio=math.nan)
+    assert finding_saddle_free(no_scale).verdict == NOT_ENOUGH
 
 
 def test_saddle_free_needs_samples_and_a_small_negative_fraction():

@@ -88,3 +88,26 @@ def test_markdown_and_html_render_the_same_blocks(tmp_path):
     assert "<strong>bold</strong>" in page
     encoded = page.split("data:image/png;base64,")[1].split('"')[0]
     assert base64.b64decode(encoded) == png.read_bytes()
+
+
+def test_trial_frame_reads_convergence_and_counts_finite_input_samples():
+    from analysis.report.collect import Sweep, Trial
+    from analysis.report.table import trial_frame
+
+    inputs = pd.DataFrame(
+        {
+            "eig_max": [2.0, 1.0, math.nan, 4.0],
+            "eig_min": [-1.0, 0.5, math.nan, 0.1],
+            "converged": [True, False, False, True],
+        }
+    )
+    metrics = {"hessian/converged": 0.0, "input_hessian/converged_fraction": 0.5}
+    trial = Trial(
+        "r1", "t1", "64", "none", 0, metrics, 3, False, None, None, {"input_hessian": inputs}
+    )
+    sweep = Sweep("exp", "p1", "sweep", "FINISHED", "sqlite://", {}, (trial,))
+    row = trial_frame(sweep).iloc[0]
+    assert row["converged"] == 0.0 and row["input_converged"] == 0.5
+    assert row["input_samples"] == 3  # the NaN row is no sample
+    assert row["input_unconverged"] == 1
+    assert row["min_eig_ratio"] == pytest.approx(-1.0 / 4.0)
