@@ -7,6 +7,7 @@ reported with the field, the bad value and what is allowed, and nothing is writt
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 from collections.abc import Hashable
@@ -31,6 +32,8 @@ from pydantic import (
 from orchestrator.errors import UserInputError
 from orchestrator.redact import redact
 from trainables.config import ConfigError, TrainConfig, parse_config, text_number_hint
+from trainables.data import SHAPES
+from trainables.models import check_fits, model_names
 from trainables.train import CURVATURE_KEY, METRIC_KEYS
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -125,6 +128,16 @@ class SearchSpec(_Strict):
     metric: TrialMetric = "train/loss"
     mode: Literal["min", "max"] = "min"
     grace_period: StrictInt = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _samples_need_a_space(self) -> SearchSpec:
+        """Samples of an empty space are copies of one trial (same config, same seed)."""
+        if self.num_samples > 1 and not self.space:
+            raise ValueError(
+                f"search.num_samples: {self.num_samples} samples of an empty search.space are "
+                "identical trials; add a search.space, or use seeds for repeats"
+            )
+        return self
 
     @field_validator("space")
     @classmethod
@@ -328,7 +341,32 @@ class Experiment(_Strict):
                 raise ValueError(message) from None
             self._check_device(parsed)
             self._check_metrics(parsed)
+            self._check_shape(parsed)
         return self
+
+    def _check_shape(self, cfg: TrainConfig) -> None:
+        """The model must take the data set's images, and an input Hessian must have room
+        for both ends' ``hessian.input_k`` eigenvalues: either would fail only after training."""
+        shape = SHAPES.get(cfg.dataset)
+        if shape is None:
+            return
+        try:
+            if not _fits(cfg.model, shape):
+                check_fits(cfg.model, *shape)
+        except ValueError as err:
+            fitting = [m for m in model_names() if _fits(m, shape)]
+            raise ValueError(
+                f"model: {cfg.model} does not fit the {shape[1]}x{shape[2]}x{shape[2]} images "
+                f"of {cfg.dataset} ({err}); use one of {', '.join(fitting)} for {cfg.dataset}"
+            ) from None
+        pixels = shape[1] * shape[2] ** 2
+        h = self.hessian
+        if h.enabled and h.input_samples > 0 and 2 * h.input_k > pixels:
+            raise ValueError(
+                f"hessian.input_k: {h.input_k} eigenvalues at each end of an input Hessian need "
+                f"{2 * h.input_k}, but the inputs of {cfg.dataset} have {pixels} values; use "
+                f"input_k <= {pixels // 2}"
+            )
 
     def _check_device(self, cfg: TrainConfig) -> None:
         """A trial on CUDA needs a GPU from Ray: one given 0 GPUs sees none and fails."""
@@ -587,6 +625,16 @@ def _same_field(key: str, field: str) -> bool:
 def _batch_rank(batch: int | str) -> float:
     """Sort key putting full batch first, then larger batches before smaller ones."""
     return -math.inf if batch == "full" else -float(batch)
+
+
+@functools.cache
+def _fits(model: str, shape: tuple[int, int, int]) -> bool:
+    """Whether ``model`` takes images of ``shape`` (``check_fits`` without the message)."""
+    try:
+        check_fits(model, *shape)
+    except ValueError:
+        return False
+    return True
 
 
 def spec_field_message(message: str) -> str:

@@ -22,6 +22,15 @@ from torch.utils.data import Dataset
 DATASET_NAMES = ("cifar10", "cifar100", "digits", "mnist", "synthetic")
 DOWNLOADABLE = ("mnist", "cifar10", "cifar100")  # digits is bundled, synthetic generated
 DATA_ENV_VAR = "HESSWEEP_DATA"
+# (num_classes, in_channels, image_size) of each data set, known before loading it: a spec
+# is checked against them without reading (or having) the files.
+SHAPES = {
+    "cifar10": (10, 3, 32),
+    "cifar100": (100, 3, 32),
+    "digits": (10, 1, 8),
+    "mnist": (10, 1, 28),
+    "synthetic": (4, 1, 8),
+}
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -359,6 +368,7 @@ def random_crop_flip(
 __all__ = [
     "DATASET_NAMES",
     "DOWNLOADABLE",
+    "SHAPES",
     "DataSplits",
     "DatasetCorruptError",
     "DatasetNotFoundError",

@@ -230,6 +230,25 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
     return MODELS[name](num_classes, in_channels, image_size)
 
 
+def check_fits(name: str, num_classes: int, in_channels: int, image_size: int) -> None:
+    """Raise ValueError when model ``name`` cannot classify images of this shape: it is built
+    and run on the meta device (no memory, no arithmetic), so a spec is checked up front."""
+    with torch.device("meta"):
+        model = build_model(name, num_classes, in_channels, image_size)
+        try:
+            out = model(torch.empty(2, in_channels, image_size, image_size))
+        except RuntimeError as err:
+            raise ValueError(
+                f"{name} cannot take {in_channels}x{image_size}x{image_size} "
+                f"images: {str(err).splitlines()[0]}"
+            ) from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ValueError(
+            f"{name} gives outputs of shape {tuple(out.shape[1:])} for "
+            f"{in_channels}x{image_size}x{image_size} images, not {num_classes} logits"
+        )
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars (the dimension of the weight Hessian)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -253,6 +272,7 @@ __all__ = [
     "LeNet5",
     "build_model",
     "build_seeded_model",
+    "check_fits",
     "count_parameters",
     "model_names",
 ]

@@ -136,6 +136,18 @@ BAD = [
     ({"search": {"space": {"lr": {"loguniform": [0, 1]}}}}, "bounds must be > 0"),
     ({"search": {"space": {"batch_size": {"choice": [1, 2]}}}}, "not a searchable"),
     ({"search": {"num_samples": 0}}, "search.num_samples"),
+    ({"search": {"num_samples": 4}}, r"search\.num_samples: 4 samples of an empty search\.space"),
+    # the model must take the data set's images, and input Hessians hold 2 input_k values
+    (
+        {"model": "c2"},
+        r"model: c2 does not fit the 1x8x8 images of digits \(c2 needs image_size >= 16.*\); "
+        "use one of c1, m1, mlp, resnet20 for digits",
+    ),
+    (
+        {"hessian": {"input_k": 33}},
+        r"hessian\.input_k: 33 eigenvalues .* need 66, but the inputs of digits have 64 values; "
+        "use input_k <= 32",
+    ),
     ({"select": {"mode": "best"}}, "select.mode"),
     ({"select": {"metric": "hessian/eig_1"}}, "select.metric: not a metric trials report"),
     ({"search": {"metric": "bogus"}}, "search.metric: not a metric trials report"),
@@ -195,6 +207,13 @@ def test_bad_specs_exit_2_with_a_message_and_write_nothing(
     err = capsys.readouterr().err
     assert "hessweep: error:" in err and "problem" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_shape_checks_pass_where_the_model_fits_or_no_input_hessian_runs():
+    assert Experiment.model_validate({**BASE, "dataset": "mnist", "model": "c2"}).model == "c2"
+    assert Experiment.model_validate({**BASE, "hessian": {"input_k": 32}}).hessian.input_k == 32
+    off = {**BASE, "hessian": {"input_k": 33, "input_samples": 0}}
+    assert Experiment.model_validate(off).hessian.input_k == 33
 
 
 def test_file_level_errors(tmp_path, capsys):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from trainables.data import (
+    SHAPES,
     DatasetCorruptError,
     DatasetNotFoundError,
     load_dataset,
@@ -119,7 +120,7 @@ def test_digits_split_is_fixed_stratified_and_scaled() -> None:
     x, y = a.train[0]
     assert x.dtype == torch.float32 and x.shape == (1, 8, 8) and isinstance(y, int)
     assert a.train.images.min() == 0.0 and a.train.images.max() == 1.0
-    assert (a.num_classes, a.in_channels, a.image_size) == (10, 1, 8)
+    assert (a.num_classes, a.in_channels, a.image_size) == (10, 1, 8) == SHAPES["digits"]
 
 
 def test_digits_pixels_are_sklearn_values_over_16() -> None:
@@ -138,6 +139,7 @@ def test_synthetic_is_seeded_and_learnable_by_nearest_mean() -> None:
     assert torch.equal(a.train.images, b.train.images)
     x, y = a.train.tensors()
     means = torch.stack([x[y == c].mean(0) for c in range(a.num_classes)])
+    assert (a.num_classes, a.in_channels, a.image_size) == SHAPES["synthetic"]
     xt, yt = a.test.tensors()
     nearest = torch.cdist(xt.flatten(1), means.flatten(1)).argmin(1)
     assert (nearest == yt).float().mean() > 0.9
@@ -148,7 +150,7 @@ def test_mnist_reads_real_idx_files(tmp_path: Path, compress: bool) -> None:
     arrays = _fake_mnist(tmp_path, compress=compress)
     data = load_dataset("mnist", root=tmp_path)
     assert (len(data.train), len(data.test)) == (20, 10)
-    assert (data.num_classes, data.in_channels, data.image_size) == (10, 1, 28)
+    assert (data.num_classes, data.in_channels, data.image_size) == (10, 1, 28) == SHAPES["mnist"]
     images, labels = arrays["t10k"]
     x, y = data.test[3]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32
@@ -187,7 +189,7 @@ def test_cifar10_reads_real_pickled_batches(tmp_path: Path) -> None:
     arrays = _fake_cifar10(tmp_path)
     data = load_dataset("cifar10", root=tmp_path, verify_checksums=False)
     assert (len(data.train), len(data.test)) == (20, 4)
-    assert (data.num_classes, data.in_channels, data.image_size) == (10, 3, 32)
+    assert (data.num_classes, data.in_channels, data.image_size) == (10, 3, 32) == SHAPES["cifar10"]
     raw, labels = arrays["data_batch_2"]
     x, y = data.train[4 + 1]  # second image of the second batch
     # a CIFAR row is 1024 red, then 1024 green, then 1024 blue values, each row-major 32x32
@@ -200,6 +202,7 @@ def test_cifar100_reads_fine_labels_and_meta(tmp_path: Path) -> None:
     arrays = _fake_cifar100(tmp_path)
     data = load_dataset("cifar100", root=tmp_path, verify_checksums=False)
     assert (len(data.train), len(data.test), data.num_classes) == (6, 3, 100)
+    assert (data.num_classes, data.in_channels, data.image_size) == SHAPES["cifar100"]
     assert data.test.labels.tolist() == arrays["test"][1]
     x, _ = data.test[2]
     assert torch.equal(x, torch.from_numpy(arrays["test"][0][2].reshape(3, 32, 32)) / 255.0)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trainables.data import SHAPES
 from trainables.models import (
+    MODELS,
     build_model,
     build_seeded_model,
+    check_fits,
     count_parameters,
     model_names,
 )
 
-GEOMETRIES = {"digits": (10, 1, 8), "mnist": (10, 1, 28), "cifar10": (10, 3, 32)}
+GEOMETRIES = {name: SHAPES[name] for name in ("digits", "mnist", "cifar10")}
 
 
 # c2's four unpadded convolutions need 16x16 or more: see test_c2_rejects_small_images.
@@ -66,6 +69,20 @@ def test_resnet20_has_depth_20_and_about_270k_parameters() -> None:
 def test_c2_rejects_small_images() -> None:
     with pytest.raises(ValueError, match="c2 needs image_size >= 16"):
         build_model("c2", 10, 1, 8)
+
+
+def test_fit_check_runs_the_model_on_the_meta_device(monkeypatch) -> None:
+    check_fits("c2", *SHAPES["mnist"])
+    check_fits("resnet20", *SHAPES["cifar100"])
+    with pytest.raises(ValueError, match="c2 needs image_size >= 16"):
+        check_fits("c2", *SHAPES["digits"])
+    # layers that do not match the images fail in the forward pass; wrong logits are named
+    monkeypatch.setitem(MODELS, "narrow", lambda n, c, s: torch.nn.Linear(5, n))
+    with pytest.raises(ValueError, match=r"narrow cannot take 1x8x8 images: "):
+        check_fits("narrow", 10, 1, 8)
+    monkeypatch.setitem(MODELS, "flat", lambda n, c, s: torch.nn.Flatten())
+    with pytest.raises(ValueError, match=r"flat gives outputs of shape \(64,\) .* not 10 logits"):
+        check_fits("flat", 10, 1, 8)
 
 
 def test_unknown_model_lists_the_known_ones() -> None:
