@@ -149,12 +149,17 @@ def _summary(result: Any, wall: float) -> int:
         if result.tracking_uri == DEFAULT_TRACKING_URI
         else f" --tracking-uri {redact_text(result.tracking_uri)}"
     )
+    ui = (
+        f"open the UI at {redact_text(result.tracking_uri)}"
+        if _is_server(result.tracking_uri)
+        else f"open the UI with: hessweep ui{store}   (then http://127.0.0.1:5000)"
+    )
     print(
         f"\nwall time {wall:.1f}s (training {t.get('training_s', 0):.1f}s, Hessian "
         f"{t.get('hessian_s', 0):.1f}s, tracking {t.get('tracking_s', 0):.1f}s)\n"
         f"table: {result.report_dir}/table.parquet and table.md\n"
         f"MLflow parent run {result.parent_run_id} at {redact_text(result.tracking_uri)}\n"
-        f"open the UI with: hessweep ui{store}   (then http://127.0.0.1:5000)\n"
+        f"{ui}\n"
         "the paper's tables, figures and findings: "
         f"hessweep report {Path(result.report_dir).name}{store}"
     )
@@ -243,6 +248,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     uri = resolve_tracking_uri(args.tracking_uri)
     open_store(uri)  # a clear error (exit 2) for a store that cannot be opened or is not there
+    if _is_server(uri):
+        print(f"{redact_text(uri)} is an MLflow server: it serves its own UI; open it in a browser")
+        return 0
     cmd = [
         sys.executable,
         "-m",
@@ -259,6 +267,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     ]
     print(f"MLflow UI for {redact_text(uri)} on http://{args.host}:{args.port} (Ctrl-C to stop)")
     return subprocess.call(cmd)
+
+
+def _is_server(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server (which has its own UI) rather than a store file."""
+    return uri.split("://", 1)[0].lower() in ("http", "https")
 
 
 def _port(text: str) -> int:

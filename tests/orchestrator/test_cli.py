@@ -166,7 +166,12 @@ def test_the_summary_names_the_report_command_and_the_failed_trials(capsys) -> N
     _summary(result, 5.0)
     out = capsys.readouterr().out
     assert "hessweep report demo --tracking-uri http://user:***@tracker:5000" in out
-    assert "hessweep ui --tracking-uri http://user:***@tracker:5000" in out
+    assert "open the UI at http://user:***@tracker:5000" in out  # a server has its own UI
+    assert "hessweep ui" not in out
+    result.tracking_uri = "sqlite:////data/other.db"
+    _summary(result, 5.0)
+    out = capsys.readouterr().out
+    assert "hessweep ui --tracking-uri sqlite:////data/other.db" in out
 
 
 def test_report_reads_the_store_its_spec_logs_to(tmp_path, monkeypatch, capsys) -> None:
@@ -179,3 +184,17 @@ def test_report_reads_the_store_its_spec_logs_to(tmp_path, monkeypatch, capsys) 
     other = tmp_path / "given.db"
     assert main(["report", str(spec), "--tracking-uri", f"sqlite:///{other}"]) == 2
     assert f"no such store ({other})" in capsys.readouterr().err  # the flag wins
+
+
+def test_ui_of_a_tracking_server_points_at_it_instead_of_serving(monkeypatch, capsys) -> None:
+    # `mlflow ui` cannot serve an http store; the server has its own UI
+    import orchestrator.tracking
+
+    opened = []
+    monkeypatch.setattr(orchestrator.tracking, "open_store", opened.append)
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("started a server"))
+    assert main(["ui", "--tracking-uri", "https://user:pw@mlflow.example.org"]) == 0
+    assert opened == ["https://user:pw@mlflow.example.org"]
+    out = capsys.readouterr().out
+    assert "https://user:***@mlflow.example.org is an MLflow server" in out
+    assert "pw" not in out

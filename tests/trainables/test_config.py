@@ -68,6 +68,9 @@ BAD_VALUES: list[tuple[dict[str, Any], str, str]] = [
     ({"lr_schedule": "exponential"}, "lr_schedule.type", "'exponential'"),
     ({"lr_schedule": {"type": "step"}}, "lr_schedule.epochs", "()"),
     ({"lr_schedule": {"type": "step", "epochs": [5, 2]}}, "lr_schedule.epochs", "[5, 2]"),
+    # a step at or after the last epoch never happens (max_epochs defaults to 20)
+    ({"lr_schedule": {"type": "step", "epochs": [5, 20]}}, "lr_schedule.epochs", "before max"),
+    ({"lr_schedule": {"type": "step", "epochs": 20}}, "lr_schedule.epochs", "below max_epochs"),
     ({"lr_schedule": {"type": "cosine", "factor": 2.0}}, "lr_schedule.factor", "2.0"),
     ({"max_epochs": 0}, "max_epochs", "0"),
     ({"target_train_loss": 0.0}, "target_train_loss", "0.0"),
