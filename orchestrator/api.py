@@ -176,7 +176,7 @@ def find_sweep_dir(name_or_dir: str, storage: str = "runs/ray") -> str:
             return name_or_dir if is_uri(name_or_dir) else str(Path(name_or_dir).resolve())
     root = storage_path(storage)
     pattern = re.compile(rf"{re.escape(name_or_dir)}-\d{{8}}-\d{{6}}")
-    with _storage_errors("--storage", storage):
+    with _storage_errors("storage", storage):
         found = [
             name
             for name in subfolders(root)

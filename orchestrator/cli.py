@@ -125,7 +125,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.api import resume_experiment
     from orchestrator.errors import NothingToDo
 
-    storage = args.storage or _spec_storage(args.name) or "runs/ray"
+    spec_storage = None if args.storage else _spec_storage(args.name)
+    storage = args.storage or spec_storage or "runs/ray"
+    if spec_storage is not None:
+        print(
+            f"looking for sweeps of {args.name} under {redact_text(spec_storage)}, the storage "
+            "of its spec (--storage to look elsewhere)"
+        )
     start = time.perf_counter()
     try:
         result = resume_experiment(
@@ -274,6 +280,16 @@ def _is_server(uri: str) -> bool:
     return uri.split("://", 1)[0].lower() in ("http", "https")
 
 
+def _version() -> str:
+    """The installed distribution's version ('unknown' when run from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hessweep")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _port(text: str) -> int:
     """A TCP port number, refused by argparse (exit 2) outside 1-65535."""
     if not text.isdigit() or not 1 <= int(text) <= 65535:
@@ -287,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batch-size x robust-training sweeps with exact Hessian spectra, "
         "on Ray Tune, tracked in MLflow.",
     )
+    parser.add_argument("--version", action="version", version=f"hessweep {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(
@@ -343,7 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the loss-landscape figure (it reloads every checkpoint)",
     )
-    common(p, address=False)
+    common(
+        p,
+        address=False,
+        store="MLFLOW_TRACKING_URI, the tracking_uri of NAME's spec, else sqlite:///runs/mlflow.db",
+    )
     p.set_defaults(func=cmd_report, subparser=p)
 
     p = sub.add_parser(
@@ -351,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("datasets", nargs="+", metavar="DATASET", help="mnist, cifar10, cifar100")
     p.add_argument(
-        "--root", help="data folder (default: $HESSWEEP_DATA, else ~/.cache/hessweep/data)"
+        "--root",
+        help="data folder (default: $HESSWEEP_DATA, else "
+        "${XDG_CACHE_HOME:-~/.cache}/hessweep/data)",
     )
     p.set_defaults(func=cmd_download)
 

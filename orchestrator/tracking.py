@@ -123,7 +123,7 @@ def require_store(tracking_uri: str, hint: str) -> None:
     db = sqlite_path(tracking_uri)
     if db is not None and not db.exists():
         raise UserInputError(
-            f"--tracking-uri {redact_text(tracking_uri)}: no such store ({db.resolve()}); {hint}"
+            f"tracking store {redact_text(tracking_uri)}: no such store ({db.resolve()}); {hint}"
         )
 
 

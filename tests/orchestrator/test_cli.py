@@ -198,3 +198,12 @@ def test_ui_of_a_tracking_server_points_at_it_instead_of_serving(monkeypatch, ca
     out = capsys.readouterr().out
     assert "https://user:***@mlflow.example.org is an MLflow server" in out
     assert "pw" not in out
+
+
+def test_version_is_the_installed_distributions(capsys) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"hessweep {version('hessweep')}"

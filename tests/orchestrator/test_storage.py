@@ -84,7 +84,7 @@ def test_resume_from_a_storage_that_cannot_be_opened_is_bad_input(storage, reaso
 
     assert main(["resume", "demo", "--storage", storage]) == 2
     err = capsys.readouterr().err
-    assert f"--storage {storage}: {reason}" in err and "s3://, gs:// or file://" in err
+    assert f"storage {storage}: {reason}" in err and "s3://, gs:// or file://" in err
     sweep = join(storage, "demo-20260101-000000")
     assert main(["resume", sweep]) == 2  # a sweep folder instead
     assert f"sweep folder {sweep}: {reason}" in capsys.readouterr().err
