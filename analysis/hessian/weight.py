@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,13 +41,24 @@ class NonDeterminismError(RuntimeError):
     """Two passes over the same data and weights gave different losses or gradients."""
 
 
+def _is_pair(data: Any) -> bool:
+    """Whether ``data`` is one ``(x, y)`` batch rather than an iterable of batches: a batch is
+    a pair, never a tensor, so a pair of tensors cannot be two batches."""
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, torch.Tensor) for t in data)
+    )
+
+
 class WeightHessian:
     """Exact Hessian of the mean loss over *every* sample of ``data`` w.r.t. the weights.
 
-    ``data`` is a DataLoader or any iterable of ``(x, y)`` batches; batches of unequal size
-    are weighted by ``n_batch / N``. The model runs in eval mode (its modes are restored),
-    and neither the model nor caller tensors are changed; the operator is the Hessian at
-    the weights as they were when it was built. With ``cache_data`` (default) the data is
+    ``data`` is a DataLoader or any iterable of ``(x, y)`` batches (a bare ``(x, y)`` pair of
+    tensors is one batch); batches of unequal size are weighted by ``n_batch / N``. The
+    model runs in eval mode (its modes are restored), and neither the model nor caller
+    tensors are changed; the operator is the Hessian at the weights as they were when it
+    was built. With ``cache_data`` (default) the data is
     read once, kept on the operator's device and re-chunked into ``chunk_size`` samples.
 
     Products: the first ``matvec`` keeps each chunk's gradient graph (one gradient with
@@ -92,7 +104,7 @@ class WeightHessian:
         self.names = select_params(model, params)
         self.model = working_model(model, dtype, device)
         self.loss_fn = loss_fn
-        self.data = data
+        self.data = [data] if _is_pair(data) else data
         self.hvp_mode = hvp
         named = dict(self.model.named_parameters())
         self.theta = {n: named[n].detach().clone() for n in self.names}

@@ -36,6 +36,10 @@ def test_unequal_batches_are_weighted_by_their_size(mlp_problem):
         op = WeightHessian(model, CE, batches, cache_data=cache)
         assert op.num_samples == 40
         torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+    for one_batch in ((x, y), [x, y]):  # a bare (x, y) pair is one batch, not two
+        op = WeightHessian(model, CE, one_batch)
+        assert op.num_samples == 40
+        torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
     rechunked = WeightHessian(model, CE, batches, chunk_size=6)
     assert len(rechunked.chunks) == 7
     torch.testing.assert_close(rechunked.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
