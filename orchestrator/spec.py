@@ -709,7 +709,16 @@ def _error_line(error: Any) -> str:
         return msg
     got = error.get("input")
     shown = "" if isinstance(got, dict) or error["type"] == "missing" else f" (got {got!r})"
-    return f"{loc}: {msg}{shown}{_number_hint(error)}"
+    fix = f"; {_FIELD_FIXES[loc]}" if loc in _FIELD_FIXES else ""
+    return f"{loc}: {msg}{shown}{_number_hint(error)}{fix}"
+
+
+# What to write instead, for the top-level fields whose pydantic messages do not say it.
+_FIELD_FIXES = {
+    "name": "give letters, digits, '_', '.' or '-' (starting with a letter or digit, at most "
+    "100), e.g. name: my-study",
+    "batch_sizes": "give a list of sizes, e.g. batch_sizes: [16, 64, full]",
+}
 
 
 def _error_text(error: Any) -> str:

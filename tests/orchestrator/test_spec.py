@@ -122,7 +122,8 @@ BAD = [
     ({"hessian": {"num_actors": 2000}}, "2000 actors for the 1437 training samples"),
     ({"hessian": {"unknown": 1}}, "hessian.unknown"),
     ({"resources": {"gpus": -1}}, "resources.gpus"),
-    ({"name": "has space"}, "name"),
+    ({"name": "has space"}, r"name: String should match .* e\.g\. name: my-study"),
+    ({"batch_sizes": 16}, r"batch_sizes: .*\(got 16\); give a list of sizes, e\.g\."),
     ({"storage": "ftp://x/y"}, "storage"),
     # booleans are not integers, text is not a boolean, and storage is not empty
     ({"hessian": {"top_k": True}}, r"hessian\.top_k: Input should be a valid integer \(got True"),
