@@ -146,9 +146,9 @@ def build_report(
     """The paper's report for the newest sweep of ``experiment_name`` (or ``parent_run_id``).
 
     Writes ``report.md``, ``report.html`` (self-contained) and ``figures/*.png`` into
-    ``out_dir`` (default ``runs/reports/<experiment>``; an existing ``report.md`` there,
-    the orchestrator's table-only version, is replaced by this superset) and, with
-    ``log_to_mlflow``, logs them on the parent run under ``report/``. ``landscape=False``
+    ``out_dir`` (default ``runs/reports/<experiment>``, beside the run's ``table.md``) and,
+    with ``log_to_mlflow``, logs them on the parent run under ``report/``, where this
+    superset replaces the table-only ``report.md`` the run logged. ``landscape=False``
     skips the one part that loads checkpoints and solves Hessians (slow for big models on
     a CPU). Raises ``ReportError`` when there is no such experiment or sweep, or nothing
     finished to report on.
