@@ -456,10 +456,9 @@ class Experiment(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Experiment:
-        """Load and validate a spec file; errors name the file, the field and the fix."""
-        p = Path(path)
-        if not p.is_file():
-            raise UserInputError(f"spec file {str(p)!r} does not exist")
+        """Load and validate a spec file, or the spec of that name in experiments/ (as the CLI
+        does); errors name the file, the field and the fix."""
+        p = resolve_spec(str(path))
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:

@@ -210,6 +210,12 @@ def test_bad_specs_exit_2_with_a_message_and_write_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
 
+def test_from_yaml_takes_a_path_or_an_experiment_name():
+    assert Experiment.from_yaml("demo") == Experiment.from_yaml(EXPERIMENTS_DIR / "demo.yaml")
+    with pytest.raises(UserInputError, match=r"no spec file 'nope\.yaml' and no experiment"):
+        Experiment.from_yaml("nope.yaml")
+
+
 def test_shape_checks_pass_where_the_model_fits_or_no_input_hessian_runs():
     assert Experiment.model_validate({**BASE, "dataset": "mnist", "model": "c2"}).model == "c2"
     assert Experiment.model_validate({**BASE, "hessian": {"input_k": 32}}).hessian.input_k == 32
