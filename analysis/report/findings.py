@@ -224,6 +224,15 @@ def excluded(trials: pd.DataFrame) -> list[str]:
         if len(losses):
             line += f" (final training loss {losses.min():.3g} to {losses.max():.3g})"
         out.append(line)
+    elif len(usable) and "train_loss" in usable:
+        losses = usable["train_loss"].astype(float)
+        losses = losses[np.isfinite(losses)]
+        if len(losses):
+            out.append(
+                f"the compared trials ended at training loss {losses.min():.3g} to "
+                f"{losses.max():.3g}: target_train_loss is checked after each epoch, so "
+                "trials with many steps an epoch can end well below it"
+            )
     return out
 
 

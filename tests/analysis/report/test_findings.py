@@ -258,6 +258,10 @@ def test_a_sweep_without_a_target_loss_carries_a_caveat_with_its_loss_range():
     assert not any(e.startswith("caveat") for e in f4.evidence)  # not a batch comparison
     with_target = all_findings(trials.assign(reached_target=1.0))[0]
     assert not any(e.startswith("caveat") for e in with_target.evidence)
+    # at a target, how far below it the compared trials ended is still shown
+    assert with_target.evidence[-1].startswith(
+        "the compared trials ended at training loss 0.05 to 2.1: target_train_loss is checked"
+    )
 
 
 def test_p_value_is_exact_and_one_sided():
