@@ -39,7 +39,7 @@ def analyze_run(run_id: str, tracking_uri: str | None = None, address: str | Non
         if not sweep_dir or not exists(state):
             raise UserInputError(f"the sweep state {state} of run {run_id} is missing")
         text = read_text(state)
-    exp = Experiment.from_dict(json.loads(text)["spec"], source=state)
+    exp = Experiment.from_dict(json.loads(text)["spec"], source=state, stored=True)
     _init_ray(address, exp, training=False)
     phase = HessianPhase(exp, client)
     try:

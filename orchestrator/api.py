@@ -124,7 +124,7 @@ def resume_experiment(
             f"{state_file}: this sweep stopped before its MLflow run was created; "
             "start it again with `hessweep run`"
         )
-    exp = Experiment.from_dict(state["spec"], source=state_file)
+    exp = Experiment.from_dict(state["spec"], source=state_file, stored=True)
     uri = tracking_uri or state["tracking_uri"]
     parent_id = state["parent_run_id"]
     client, parent = _sweep_store(uri, parent_id, state["tracking_uri"])

@@ -130,9 +130,9 @@ class SearchSpec(_Strict):
     grace_period: StrictInt = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _samples_need_a_space(self) -> SearchSpec:
+    def _samples_need_a_space(self, info: ValidationInfo) -> SearchSpec:
         """Samples of an empty space are copies of one trial (same config, same seed)."""
-        if self.num_samples > 1 and not self.space:
+        if self.num_samples > 1 and not self.space and not _stored(info):
             raise ValueError(
                 f"search.num_samples: {self.num_samples} samples of an empty search.space are "
                 "identical trials; add a search.space, or use seeds for repeats"
@@ -324,7 +324,7 @@ class Experiment(_Strict):
         return storage
 
     @model_validator(mode="after")
-    def _check_trials(self) -> Experiment:
+    def _check_trials(self, info: ValidationInfo) -> Experiment:
         """Every grid cell, and every value of every search key, must be a valid training
         config for the trainable (a bad one would otherwise fail only inside its trial),
         reporting the metrics selection and ASHA read."""
@@ -334,6 +334,8 @@ class Experiment(_Strict):
                 size = KNOWN_TRAIN_SIZES.get(self.dataset)
                 if size is not None:
                     parsed.check_data(size)
+                if not _stored(info):
+                    _check_steps(parsed)
             except ConfigError as err:
                 message = spec_field_message(str(err))
                 for key in self.search.space if self.search else ():
@@ -482,10 +484,16 @@ class Experiment(_Strict):
         return cls.from_dict(raw, source=str(p))
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "spec") -> Experiment:
-        """Validate a plain dict, turning pydantic errors into one readable message."""
+    def from_dict(
+        cls, raw: dict[str, Any], source: str = "spec", stored: bool = False
+    ) -> Experiment:
+        """Validate a plain dict, turning pydantic errors into one readable message.
+
+        ``stored`` marks a spec read back from a sweep that already ran: the checks that only
+        keep new specs from asking for nothing (search samples of an empty space, lr steps
+        after the last epoch) are skipped, so a sweep started before them still resumes."""
         try:
-            return cls.model_validate(raw)
+            return cls.model_validate(raw, context={STORED: True} if stored else None)
         except ValidationError as err:
             raise UserInputError(format_errors(source, err)) from None
 
@@ -624,6 +632,31 @@ def _same_field(key: str, field: str) -> bool:
 def _batch_rank(batch: int | str) -> float:
     """Sort key putting full batch first, then larger batches before smaller ones."""
     return -math.inf if batch == "full" else -float(batch)
+
+
+STORED = "stored"  # validation context: a spec read back from a sweep's saved state
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """Whether this validation reads back a stored spec (``Experiment.from_dict(stored=True)``)."""
+    return bool(info.context and info.context.get(STORED))
+
+
+def _check_steps(cfg: TrainConfig) -> None:
+    """A step schedule must step before the last epoch: later steps never happen."""
+    schedule = cfg.lr_schedule
+    if schedule.type != "step":
+        return
+    if not schedule.epochs:
+        raise ConfigError(
+            f"config key 'lr_schedule.epochs': every N epochs with N >= max_epochs "
+            f"({cfg.max_epochs}) never steps; give N < max_epochs, or a list of epochs"
+        )
+    if schedule.epochs[-1] >= cfg.max_epochs:
+        raise ConfigError(
+            f"config key 'lr_schedule.epochs': got {list(schedule.epochs)}; a step at or after "
+            f"max_epochs ({cfg.max_epochs}) never happens, so give epochs below it"
+        )
 
 
 @functools.cache

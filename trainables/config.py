@@ -303,7 +303,7 @@ def _schedule(value: Any, max_epochs: int) -> ScheduleConfig:
     if kind == "step":
         if isinstance(epochs, numbers.Integral) and not isinstance(epochs, bool):
             every = _int("lr_schedule.epochs", epochs, 1)
-            epochs = tuple(range(every, max_epochs, every))
+            epochs = tuple(range(every, max_epochs, every))  # a step after the last never comes
         elif isinstance(epochs, (list, tuple)) and epochs:
             epochs = tuple(_int("lr_schedule.epochs", e, 1) for e in epochs)
             if list(epochs) != sorted(set(epochs)):
@@ -312,13 +312,10 @@ def _schedule(value: Any, max_epochs: int) -> ScheduleConfig:
                     "strictly increasing epochs"
                 )
         else:
-            epochs = None
-        if not epochs or epochs[-1] >= max_epochs:
             raise ConfigError(
-                f"config key 'lr_schedule.epochs': got {value.get('epochs', ())!r}; expected the "
-                f"epochs before max_epochs ({max_epochs}) after which a step schedule "
-                "multiplies the lr by factor (a list), or an integer N below max_epochs (every "
-                "N epochs); a step at or after the last epoch never happens"
+                f"config key 'lr_schedule.epochs': got {epochs!r}; expected the epochs after "
+                "which a step schedule multiplies the lr by factor (a list), or an integer N "
+                "(every N epochs)"
             )
     elif epochs not in ((), []):
         raise ConfigError(

@@ -231,16 +231,26 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
 
 
 def check_fits(name: str, num_classes: int, in_channels: int, image_size: int) -> None:
-    """Raise ValueError when model ``name`` cannot classify images of this shape: it is built
-    and run on the meta device (no memory, no arithmetic), so a spec is checked up front."""
-    with torch.device("meta"):
-        model = build_model(name, num_classes, in_channels, image_size)
+    """Raise ValueError when model ``name`` cannot classify images of this shape, so a spec
+    is checked up front. It is built and run on the meta device (no memory, no arithmetic);
+    a model that cannot run there (an operation without a meta kernel, a data-dependent
+    branch) is run on two CPU images instead."""
+    shape = (2, in_channels, image_size, image_size)
+    try:
+        with torch.device("meta"):
+            out = build_model(name, num_classes, in_channels, image_size)(torch.empty(shape))
+    except ValueError:
+        raise
+    except Exception:  # anything the meta device cannot do: try for real
         try:
-            out = model(torch.empty(2, in_channels, image_size, image_size))
-        except RuntimeError as err:
+            with torch.no_grad():
+                out = build_model(name, num_classes, in_channels, image_size)(torch.zeros(shape))
+        except ValueError:
+            raise
+        except Exception as err:  # the model's own error, reported as bad input
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ValueError(
-                f"{name} cannot take {in_channels}x{image_size}x{image_size} "
-                f"images: {str(err).splitlines()[0]}"
+                f"{name} cannot take {in_channels}x{image_size}x{image_size} images: {first}"
             ) from None
     if tuple(out.shape) != (2, num_classes):
         raise ValueError(

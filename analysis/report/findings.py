@@ -41,14 +41,16 @@ CLAIMS = {
 }
 RULES = (
     f"A batch-size trend (findings 1 and 2) is tested per robust setting with Spearman's rho "
-    f"over trials (each seed a point) and a one-sided permutation p-value in the claimed "
-    f"direction. It agrees when rho has the claimed sign with |rho| >= {MIN_RHO} and "
-    f"p < {ALPHA}. It contradicts when rho has the other sign with |rho| >= {MIN_RHO}, or when "
-    f"it is weaker than that although the sweep has the trials to show one (a rho of "
-    f"{MIN_RHO} in the claimed direction would give p < {ALPHA} there). Anything else is "
-    f"inconclusive, as is a quantity with one value in every trial (nothing to rank). It "
-    f"needs {MIN_BATCH_SIZES} or more batch sizes with finite values; trials whose solver did "
-    "not converge are left out of the trends they would enter, and named.",
+    f"over trials (each seed a point) and one-sided permutation p-values (exact up to 7 "
+    f"trials, else {PERMUTATIONS} random pairings). It agrees when rho has the claimed sign "
+    f"with |rho| >= {MIN_RHO} and p < {ALPHA} in the claimed direction. It contradicts when "
+    f"the trend the other way is significant (p < {ALPHA}), or when, not significant in the "
+    f"claimed direction, the one-sided {1 - ALPHA:.0%} confidence bound on rho (Fisher z, "
+    f"Bonett-Wright variance) rules out a rho of {MIN_RHO} in it. Anything else is "
+    f"inconclusive: too few trials to tell, a significant trend weaker than {MIN_RHO}, or a "
+    f"quantity with one value in every trial (nothing to rank). It needs {MIN_BATCH_SIZES} "
+    "or more batch sizes with finite values; trials whose solver did not converge are left "
+    "out of the trends they would enter, and named.",
     "A finding is Supported when every testable part agrees, Not supported when any part "
     "contradicts, and Not enough data otherwise (nothing testable, or only inconclusive parts).",
     "Finding 3 compares lambda_max per batch size: the robust setting is flatter there when "
@@ -58,8 +60,11 @@ RULES = (
     f"Finding 4 pools the input-Hessian samples of all trials: Supported when at most "
     f"{MAX_NEG_FRACTION:.0%} of samples have a clearly negative smallest eigenvalue (the "
     f"sweep's own neg_fraction rule), still so when every sample whose solve did not converge "
-    f"is counted as negative too, and the most negative eigenvalue is within "
-    f"{MAX_NEG_RATIO:g} of the largest in magnitude; it needs {MIN_INPUT_SAMPLES} samples.",
+    f"or gave no finite eigenvalues is counted as negative too, and the most negative "
+    f"eigenvalue is within {MAX_NEG_RATIO:g} of the largest in magnitude; Not supported when "
+    f"either bound is broken; Not enough data below {MIN_INPUT_SAMPLES} samples, when the "
+    "unconverged samples could break the first bound, or when no sample has a nonzero "
+    "largest eigenvalue to scale by.",
 )
 
 
@@ -67,9 +72,10 @@ RULES = (
 class Trend:
     """One Spearman test of a quantity against batch size within one robust setting.
 
-    ``p_floor`` is the smallest p-value these trials can give (ties included), and
-    ``detectable`` whether a rho of ``MIN_RHO`` in the claimed direction would reach
-    ``ALPHA`` with them."""
+    ``sign`` is the claimed direction; ``p_value`` and ``p_opposite`` are the one-sided
+    permutation p-values in it and against it, ``p_floor`` the smallest p-value these
+    trials can give (ties included), and ``bound`` the one-sided confidence bound on rho on
+    the claimed side (an upper bound for a claimed rise, a lower one for a fall)."""
 
     robust: str
     quantity: str
@@ -78,8 +84,10 @@ class Trend:
     rho: float
     p_value: float
     outcome: str
+    sign: int = 1
+    p_opposite: float = math.nan
     p_floor: float = math.nan
-    detectable: bool = False
+    bound: float = math.nan
     constant: float = math.nan
 
     def describe(self) -> str:
@@ -102,17 +110,31 @@ class Trend:
             f"one-sided p = {self.p_value:.3g} over {self.n_points} trials at "
             f"{self.n_batch_sizes} batch sizes -> {self.outcome}"
         )
-        strong = abs(self.rho) >= MIN_RHO
-        if self.outcome == "inconclusive" and strong and self.p_floor >= ALPHA:
-            line += (
-                f" ({self.n_points} trials cannot give p below {self.p_floor:.3g}: add seeds "
-                "or sizes)"
-            )
-        elif self.outcome == "inconclusive" and not strong:
-            line += f" (weak, and too few trials to show a rho of {MIN_RHO} at p < {ALPHA})"
-        elif self.outcome == "contradicts" and not strong:
-            line += f" (a rho of {MIN_RHO} would have given p < {ALPHA} with these trials)"
-        return line
+        why = self._why()
+        return f"{line} ({why})" if why else line
+
+    def _why(self) -> str:
+        """Why a trend that does not agree came out as it did."""
+        target = f"{self.sign * MIN_RHO:+.1f}"
+        if self.outcome == "contradicts":
+            if self.p_opposite < ALPHA:
+                return f"a trend the other way, one-sided p = {self.p_opposite:.3g}"
+            return f"the {1 - ALPHA:.0%} bound on rho, {self.bound:+.2f}, rules out {target}"
+        if self.outcome != "inconclusive":
+            return ""
+        if _strong(self.sign * self.rho):
+            if self.p_floor >= ALPHA:
+                return (
+                    f"{self.n_points} trials cannot give p below {self.p_floor:.3g}: add seeds "
+                    "or sizes"
+                )
+            return "not significant: add seeds or sizes"
+        if self.p_value < ALPHA:
+            return f"significant, but weaker than {MIN_RHO}"
+        return (
+            f"too few trials to tell: the {1 - ALPHA:.0%} bound on rho, {self.bound:+.2f}, "
+            f"does not rule out {target}; add seeds or sizes"
+        )
 
 
 @dataclass(frozen=True)
@@ -170,6 +192,22 @@ def _tail(null: np.ndarray, value: float, sign: int, n_points: int) -> float:
     if math.factorial(n_points) <= PERMUTATIONS:
         return hits / len(null)
     return (hits + 1) / (len(null) + 1)
+
+
+def _strong(signed_rho: float) -> bool:
+    """Whether a rho in the claimed direction reaches ``MIN_RHO`` (rounding forgiven)."""
+    return signed_rho >= MIN_RHO - 1e-12
+
+
+def rho_bound(rho: float, n: int, sign: int) -> float:
+    """The one-sided ``1 - ALPHA`` confidence bound on Spearman's rho on the claimed side
+    (upper for ``sign`` +1, lower for -1): Fisher's z with Bonett and Wright's variance
+    (1 + rho^2 / 2) / (n - 3); no bound (+-1) for 3 points or fewer."""
+    if n <= 3:
+        return float(sign)
+    r = min(max(sign * rho, -1 + 1e-12), 1 - 1e-12)
+    z = math.atanh(r) + stats.norm.ppf(1 - ALPHA) * math.sqrt((1 + r * r / 2) / (n - 3))
+    return sign * math.tanh(z)
 
 
 def comparable(trials: pd.DataFrame) -> pd.DataFrame:
@@ -249,36 +287,29 @@ def batch_trends(
         cell = usable[usable["robust"] == robust]
         cell = cell[np.isfinite(cell[column].astype(float))]
         n_batches = cell["batch_size"].nunique()
+        n = len(cell)
         if n_batches < MIN_BATCH_SIZES:
-            out.append(Trend(robust, quantity, len(cell), n_batches, math.nan, math.nan, "too few"))
+            out.append(Trend(robust, quantity, n, n_batches, math.nan, math.nan, "too few"))
             continue
         x, y = cell["batch_value"].to_numpy(float), cell[column].to_numpy(float)
         if np.ptp(y) == 0:
-            out.append(
-                Trend(
-                    robust,
-                    quantity,
-                    len(cell),
-                    n_batches,
-                    math.nan,
-                    math.nan,
-                    "no variation",
-                    constant=float(y[0]),
-                )
-            )
+            constant = float(y[0])
+            nothing = Trend(robust, quantity, n, n_batches, math.nan, math.nan, "no variation")
+            out.append(dataclasses.replace(nothing, sign=sign, constant=constant))
             continue
         rho, p, null = _spearman_test(x, y, sign)
         edge = float(null.max() if sign > 0 else null.min())
-        floor = _tail(null, edge, sign, len(cell))
-        detectable = _tail(null, sign * MIN_RHO, sign, len(cell)) < ALPHA
-        if sign * rho >= MIN_RHO and p < ALPHA:
+        floor = _tail(null, edge, sign, n)
+        p_opposite = _tail(null, rho, -sign, n)
+        bound = rho_bound(rho, n, sign)
+        if _strong(sign * rho) and p < ALPHA:
             outcome = "agrees"
-        elif sign * rho <= -MIN_RHO or (sign * rho < MIN_RHO and detectable):
+        elif p_opposite < ALPHA or (p >= ALPHA and sign * bound < MIN_RHO):
             outcome = "contradicts"
         else:
             outcome = "inconclusive"
         out.append(
-            Trend(robust, quantity, len(cell), n_batches, rho, p, outcome, floor, detectable)
+            Trend(robust, quantity, n, n_batches, rho, p, outcome, sign, p_opposite, floor, bound)
         )
     return out
 
@@ -400,6 +431,7 @@ def finding_saddle_free(trials: pd.DataFrame) -> Finding:
     weights = have["input_samples"].to_numpy(float)
     neg = float(np.average(have["neg_fraction"].to_numpy(float), weights=weights))
     unsolved = int(have["input_unconverged"].sum()) if "input_unconverged" in have else 0
+    blank = int(have["input_nonfinite"].sum()) if "input_nonfinite" in have else 0
     ratios = have["min_eig_ratio"].to_numpy(float)
     worst = float(np.nanmin(ratios)) if np.isfinite(ratios).any() else math.nan
     worst_row = have.iloc[int(np.nanargmin(ratios))] if np.isfinite(ratios).any() else None
@@ -407,10 +439,12 @@ def finding_saddle_free(trials: pd.DataFrame) -> Finding:
         f"{n} test samples over {len(have)} trial(s): {neg:.2%} have a clearly negative "
         "smallest input-Hessian eigenvalue (input_hessian/neg_fraction, weighted by samples)",
     ]
-    if unsolved:
+    worst_case = min(1.0, (neg * n + unsolved + blank) / (n + blank))
+    if unsolved or blank:
         evidence.append(
-            f"{unsolved} sample(s)' solves did not converge: a smallest eigenvalue that has not "
-            f"converged is only an upper bound, so at most {neg + unsolved / n:.2%} are negative"
+            f"{unsolved} sample(s)' solves did not converge (a smallest eigenvalue that has not "
+            f"converged is only an upper bound) and {blank} gave no finite eigenvalues (left "
+            f"out above): counting them all as negative, at most {worst_case:.2%} are"
         )
     if worst_row is not None:
         evidence.append(
@@ -421,11 +455,17 @@ def finding_saddle_free(trials: pd.DataFrame) -> Finding:
         evidence.append("no sample has a nonzero largest eigenvalue to scale the smallest by")
     if neg > MAX_NEG_FRACTION or worst < -MAX_NEG_RATIO:
         verdict = NOT_SUPPORTED
-    elif worst_row is None or neg + unsolved / n > MAX_NEG_FRACTION:
+    elif worst_row is None or worst_case > MAX_NEG_FRACTION:
         verdict = NOT_ENOUGH
     else:
         verdict = SUPPORTED
-    stats_ = {"samples": n, "neg_fraction": neg, "min_eig_ratio": worst, "unconverged": unsolved}
+    stats_ = {
+        "samples": n,
+        "neg_fraction": neg,
+        "min_eig_ratio": worst,
+        "unconverged": unsolved,
+        "no_finite_values": blank,
+    }
     return Finding(4, CLAIMS[4], verdict, tuple(evidence), stats_)
 
 

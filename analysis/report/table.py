@@ -65,6 +65,13 @@ def _min_eig_ratio(frame: pd.DataFrame | None) -> float:
     return float(np.min(frame["eig_min"])) / top if top > 0 else float("nan")
 
 
+def _nonfinite(trial: Trial) -> int:
+    """How many of the trial's input-Hessian samples gave no finite eigenvalues."""
+    frame = trial.spectra.get("input_hessian")
+    finite = _finite_inputs(trial)
+    return 0 if frame is None or finite is None else len(frame) - len(finite)
+
+
 def _unconverged(frame: pd.DataFrame | None) -> int:
     """How many of the samples' input-Hessian solves did not converge (0 when not logged)."""
     if frame is None or "converged" not in frame:
@@ -98,6 +105,7 @@ def trial_frame(sweep: Sweep, n_train: int | None = None) -> pd.DataFrame:
             "min_eig_ratio": _min_eig_ratio(inputs),
             "input_samples": 0 if inputs is None else len(inputs),
             "input_unconverged": _unconverged(inputs),
+            "input_nonfinite": _nonfinite(t),
             "run_id": t.run_id,
         }
         row.update({col: t.metrics.get(key, math.nan) for col, key in METRICS.items()})

@@ -138,6 +138,15 @@ BAD = [
     ({"search": {"space": {"batch_size": {"choice": [1, 2]}}}}, "not a searchable"),
     ({"search": {"num_samples": 0}}, "search.num_samples"),
     ({"search": {"num_samples": 4}}, r"search\.num_samples: 4 samples of an empty search\.space"),
+    # an lr step at or after the last epoch never happens
+    (
+        {"training": {"max_epochs": 20, "lr_schedule": {"type": "step", "epochs": [5, 20]}}},
+        r"training\.lr_schedule\.epochs: got \[5, 20\]; a step at or after max_epochs \(20\)",
+    ),
+    (
+        {"training": {"max_epochs": 20, "lr_schedule": {"type": "step", "epochs": 20}}},
+        r"training\.lr_schedule\.epochs: every N epochs with N >= max_epochs \(20\) never",
+    ),
     # the model must take the data set's images, and input Hessians hold 2 input_k values
     (
         {"model": "c2"},
@@ -208,6 +217,24 @@ def test_bad_specs_exit_2_with_a_message_and_write_nothing(
     err = capsys.readouterr().err
     assert "hessweep: error:" in err and "problem" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_a_stored_spec_skips_the_checks_newer_than_its_sweep():
+    # a sweep started before these checks must still resume and be analysed
+    copies = {**BASE, "search": {"num_samples": 3}}
+    late_step = {
+        **BASE,
+        "training": {"max_epochs": 30, "lr_schedule": {"type": "step", "epochs": [10, 20, 30]}},
+    }
+    for old, field in ((copies, r"search\.num_samples"), (late_step, r"lr_schedule\.epochs")):
+        with pytest.raises(UserInputError, match=field):
+            Experiment.from_dict(old)
+    assert Experiment.from_dict(copies, stored=True).search.num_samples == 3
+    stored = Experiment.from_dict(late_step, stored=True)
+    assert stored.training["lr_schedule"]["epochs"] == [10, 20, 30]
+    # the checks that keep a sweep from failing still hold for stored specs
+    with pytest.raises(UserInputError, match="model: c2 does not fit"):
+        Experiment.from_dict({**BASE, "model": "c2"}, stored=True)
 
 
 def test_from_yaml_takes_a_path_or_an_experiment_name():

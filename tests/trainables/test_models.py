@@ -80,6 +80,18 @@ def test_fit_check_runs_the_model_on_the_meta_device(monkeypatch) -> None:
     monkeypatch.setitem(MODELS, "narrow", lambda n, c, s: torch.nn.Linear(5, n))
     with pytest.raises(ValueError, match=r"narrow cannot take 1x8x8 images: "):
         check_fits("narrow", 10, 1, 8)
+
+    # a model the meta device cannot run (a data-dependent step) is run on the CPU instead
+    class Gate(torch.nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.fc = torch.nn.LazyLinear(n)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.flatten(1)) * float(x.abs().max().item() >= 0)
+
+    monkeypatch.setitem(MODELS, "gate", lambda n, c, s: Gate(n))
+    check_fits("gate", 10, 1, 8)
     monkeypatch.setitem(MODELS, "flat", lambda n, c, s: torch.nn.Flatten())
     with pytest.raises(ValueError, match=r"flat gives outputs of shape \(64,\) .* not 10 logits"):
         check_fits("flat", 10, 1, 8)

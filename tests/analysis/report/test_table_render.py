@@ -109,5 +109,5 @@ def test_trial_frame_reads_convergence_and_counts_finite_input_samples():
     row = trial_frame(sweep).iloc[0]
     assert row["converged"] == 0.0 and row["input_converged"] == 0.5
     assert row["input_samples"] == 3  # the NaN row is no sample
-    assert row["input_unconverged"] == 1
+    assert row["input_unconverged"] == 1 and row["input_nonfinite"] == 1
     assert row["min_eig_ratio"] == pytest.approx(-1.0 / 4.0)
