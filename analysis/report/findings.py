@@ -251,27 +251,46 @@ def excluded(trials: pd.DataFrame) -> list[str]:
                 f"bs={r.batch_size} {r.robust} seed={r.seed}" for r in rows.itertuples()
             )
             out.append(f"left out{label}: {names}")
-    if len(trials) and trials["reached_target"].astype(float).isna().all():
+    out.extend(_loss_lines(trials, usable))
+    cells = usable.groupby(["robust", "batch_size", "seed"], sort=False).size()
+    if (cells > 1).any():
+        out.append(
+            f"caveat: {int((cells > 1).sum())} (robust, batch size, seed) cell(s) hold several "
+            "trials (a search without select): each enters the tests as its own point, which "
+            "overstates the evidence; set select to keep one trial per cell"
+        )
+    return out
+
+
+def _loss_lines(trials: pd.DataFrame, usable: pd.DataFrame) -> list[str]:
+    """At which training loss the batch sizes are compared: without a target, a caveat with
+    the trials' range; with one, how far below it the compared trials ended."""
+    if not len(trials):
+        return []
+    if trials["reached_target"].astype(float).isna().all():
         line = (
             "caveat: no target_train_loss was set, so batch sizes are compared at whatever "
             "training loss their trials ended at (max_epochs, or a scheduler's stop), not at "
             "a common one"
         )
-        losses = trials.get("train_loss", pd.Series(dtype=float)).astype(float)
-        losses = losses[np.isfinite(losses)]
+        losses = _finite(trials.get("train_loss", pd.Series(dtype=float)))
         if len(losses):
             line += f" (final training loss {losses.min():.3g} to {losses.max():.3g})"
-        out.append(line)
-    elif len(usable) and "train_loss" in usable:
-        losses = usable["train_loss"].astype(float)
-        losses = losses[np.isfinite(losses)]
-        if len(losses):
-            out.append(
-                f"the compared trials ended at training loss {losses.min():.3g} to "
-                f"{losses.max():.3g}: target_train_loss is checked after each epoch, so "
-                "trials with many steps an epoch can end well below it"
-            )
-    return out
+        return [line]
+    losses = _finite(usable.get("train_loss", pd.Series(dtype=float)))
+    if not len(losses):
+        return []
+    return [
+        f"the compared trials ended at training loss {losses.min():.3g} to "
+        f"{losses.max():.3g}: target_train_loss is checked after each epoch, so trials with "
+        "many steps an epoch can end well below it"
+    ]
+
+
+def _finite(values: pd.Series) -> pd.Series:
+    """The finite values of a column, as floats."""
+    values = values.astype(float)
+    return values[np.isfinite(values)]
 
 
 def batch_trends(

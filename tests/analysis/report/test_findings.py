@@ -289,6 +289,15 @@ def test_a_sweep_without_a_target_loss_carries_a_caveat_with_its_loss_range():
     )
 
 
+def test_several_trials_in_one_cell_carry_a_caveat():
+    # a search without select keeps every sampled trial: they are not independent seeds
+    trials = table(lam=lambda r, b, s: 1.0 + b)
+    assert not any("hold several trials" in e for e in all_findings(trials)[0].evidence)
+    searched = pd.concat([trials, trials.assign(lambda_max=trials["lambda_max"] + 0.5)])
+    f1 = all_findings(searched)[0]
+    assert any(e.startswith("caveat: 4 (robust, batch size, seed) cell(s)") for e in f1.evidence)
+
+
 def test_p_value_is_exact_and_one_sided():
     x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     rho, p = one_sided_spearman(x, x, +1)
