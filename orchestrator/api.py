@@ -75,7 +75,7 @@ def run_experiment(
 ) -> ExperimentResult:
     """Sweep ``exp`` on Ray Tune, analyse every kept model's Hessian, log it all to MLflow."""
     uri = resolve_tracking_uri(tracking_uri, exp.tracking_uri)
-    _check_data(exp)
+    check_data(exp)
     _init_ray(address, exp)  # before the store is opened: a bad address leaves nothing
     client = connect(uri)
     run_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -380,7 +380,7 @@ def _room_for_actors(exp: Experiment, unfinished_trials: int) -> bool:
     )
 
 
-def _check_data(exp: Experiment) -> None:
+def check_data(exp: Experiment) -> None:
     """Load the data set once on the driver so a missing or damaged one fails before any
     trial; its error names the files, the folder and the ``hessweep download`` to run."""
     root = exp.data_root if exp.data_root is not None else exp.training.get("data_root")

@@ -58,7 +58,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"{exp.num_trials} trial(s)"
     )
     _warn_unfair(exp)
+    _warn_missing_data(exp)
     return 0
+
+
+def _warn_missing_data(exp: Any) -> None:
+    """Say so when the data set is not on this machine: `run` checks it before any trial
+    and refuses (validate does not: the spec may be meant for another machine)."""
+    from orchestrator.api import check_data
+
+    try:
+        check_data(exp)
+    except UserInputError as err:
+        print(
+            f"hessweep: warning: {str(err).rstrip('.')}; `hessweep run` refuses to start on a "
+            "machine without it",
+            file=sys.stderr,
+        )
 
 
 def _warn_unfair(exp: Any) -> None:

@@ -268,6 +268,20 @@ def test_file_level_errors(tmp_path, capsys):
     assert "duplicate key 'lr'" in err and "--set training" in err
 
 
+def test_validate_warns_when_the_data_is_not_on_this_machine(tmp_path, capsys):
+    spec = tmp_path / "m.yaml"
+    root = tmp_path / "data"
+    spec.write_text(
+        yaml.safe_dump({**BASE, "dataset": "mnist", "data_root": str(root), "batch_sizes": [16]})
+    )
+    assert main(["validate", str(spec)]) == 0  # valid: the data may be on another machine
+    err = capsys.readouterr().err
+    assert f"warning: dataset 'mnist', data_root {root}: mnist not found" in err
+    assert f"`hessweep download mnist --root {root}`" in err and "refuses to start" in err
+    assert main(["validate", "demo"]) == 0  # digits is bundled: no warning
+    assert "not found" not in capsys.readouterr().err
+
+
 def test_validate_prints_the_grid(capsys):
     assert main(["validate", "demo", "--set", "batch_sizes=[32,512]"]) == 0
     out = capsys.readouterr().out
