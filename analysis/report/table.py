@@ -48,9 +48,8 @@ def robust_order(labels: list[str]) -> list[str]:
     return sorted(set(labels), key=lambda r: (r != "none", r))
 
 
-def _finite_inputs(trial: Trial) -> pd.DataFrame | None:
-    """The trial's per-sample input-Hessian rows with finite eigenvalues (None without data)."""
-    frame = trial.spectra.get("input_hessian")
+def _finite_inputs(frame: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The per-sample input-Hessian rows with finite eigenvalues (None without data)."""
     if frame is None:
         return None
     keep = np.isfinite(frame["eig_max"].astype(float)) & np.isfinite(frame["eig_min"].astype(float))
@@ -63,13 +62,6 @@ def _min_eig_ratio(frame: pd.DataFrame | None) -> float:
         return float("nan")
     top = float(np.max(np.abs(frame["eig_max"])))
     return float(np.min(frame["eig_min"])) / top if top > 0 else float("nan")
-
-
-def _nonfinite(trial: Trial) -> int:
-    """How many of the trial's input-Hessian samples gave no finite eigenvalues."""
-    frame = trial.spectra.get("input_hessian")
-    finite = _finite_inputs(trial)
-    return 0 if frame is None or finite is None else len(frame) - len(finite)
 
 
 def _unconverged(frame: pd.DataFrame | None) -> int:
@@ -92,7 +84,8 @@ def trial_frame(sweep: Sweep, n_train: int | None = None) -> pd.DataFrame:
     numeric = [float(t.batch_size) for t in sweep.trials if t.batch_size != "full"]
     rows = []
     for t in sweep.trials:
-        inputs = _finite_inputs(t)
+        logged = t.spectra.get("input_hessian")
+        inputs = _finite_inputs(logged)
         row = {
             "robust": t.robust,
             "batch_size": t.batch_size,
@@ -105,7 +98,7 @@ def trial_frame(sweep: Sweep, n_train: int | None = None) -> pd.DataFrame:
             "min_eig_ratio": _min_eig_ratio(inputs),
             "input_samples": 0 if inputs is None else len(inputs),
             "input_unconverged": _unconverged(inputs),
-            "input_nonfinite": _nonfinite(t),
+            "input_nonfinite": 0 if logged is None else len(logged) - len(inputs),
             "run_id": t.run_id,
         }
         row.update({col: t.metrics.get(key, math.nan) for col, key in METRICS.items()})
