@@ -119,16 +119,17 @@ def _interrupted(stop: KeyboardInterrupt, address: str | None) -> int:
 
 
 def _named_spec(name: str | None):
-    """The spec called ``name`` in experiments/ (or at that path), or None."""
+    """The spec called ``name`` in experiments/ (or at that path), or None when there is none
+    (an experiment name alone); a spec that is there but invalid is an error, not skipped."""
     from orchestrator.spec import Experiment, resolve_spec
-    from trainables.config import ConfigError
 
     if not name:
         return None
     try:
-        return Experiment.from_yaml(resolve_spec(name))
-    except (UserInputError, ConfigError, OSError, ValueError):
+        path = resolve_spec(name)
+    except UserInputError:
         return None
+    return Experiment.from_yaml(path)
 
 
 def _spec_storage(name: str) -> str | None:

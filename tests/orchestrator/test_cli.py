@@ -186,6 +186,15 @@ def test_report_reads_the_store_its_spec_logs_to(tmp_path, monkeypatch, capsys) 
     assert f"no such store ({other})" in capsys.readouterr().err  # the flag wins
 
 
+def test_report_and_resume_refuse_an_invalid_spec_of_that_name(tmp_path, capsys) -> None:
+    # a broken spec is named, not skipped for the default store or runs/ray
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("name: broken\nbatch_sizes: [16]\nmodel: c2\n")
+    for argv in (["report", str(spec)], ["resume", str(spec)]):
+        assert main(argv) == 2
+        assert "model: c2 does not fit the 1x8x8 images of digits" in capsys.readouterr().err
+
+
 def test_ui_of_a_tracking_server_points_at_it_instead_of_serving(monkeypatch, capsys) -> None:
     # `mlflow ui` cannot serve an http store; the server has its own UI
     import orchestrator.tracking
