@@ -352,15 +352,13 @@ class Experiment(_Strict):
         shape = SHAPES.get(cfg.dataset)
         if shape is None:
             return
-        try:
-            if not _fits(cfg.model, shape):
-                check_fits(cfg.model, *shape)
-        except ValueError as err:
-            fitting = [m for m in model_names() if _fits(m, shape)]
+        misfit = _misfit(cfg.model, shape)
+        if misfit is not None:
+            fitting = [m for m in model_names() if _misfit(m, shape) is None]
             raise ValueError(
                 f"model: {cfg.model} does not fit the {shape[1]}x{shape[2]}x{shape[2]} images "
-                f"of {cfg.dataset} ({err}); use one of {', '.join(fitting)} for {cfg.dataset}"
-            ) from None
+                f"of {cfg.dataset} ({misfit}); use one of {', '.join(fitting)} for {cfg.dataset}"
+            )
         pixels = shape[1] * shape[2] ** 2
         h = self.hessian
         if h.enabled and h.input_samples > 0 and 2 * h.input_k > pixels:
@@ -660,13 +658,14 @@ def _check_steps(cfg: TrainConfig) -> None:
 
 
 @functools.cache
-def _fits(model: str, shape: tuple[int, int, int]) -> bool:
-    """Whether ``model`` takes images of ``shape`` (``check_fits`` without the message)."""
+def _misfit(model: str, shape: tuple[int, int, int]) -> str | None:
+    """Why ``model`` cannot take images of ``shape`` (``check_fits``'s message), or None;
+    cached, as every grid cell asks."""
     try:
         check_fits(model, *shape)
-    except ValueError:
-        return False
-    return True
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def spec_field_message(message: str) -> str:

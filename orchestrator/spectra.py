@@ -186,9 +186,8 @@ def neg_fraction(eig_max: np.ndarray, eig_min: np.ndarray, rtol: float = NEG_RTO
 
 
 def _local_batches(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """Plain data as batches: an (x, y) pair or a Dataset becomes one batch; loaders pass."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return [as_tensors(data)]
+    """Plain data as batches: a Dataset becomes one batch; loaders and an (x, y) pair pass
+    (``WeightHessian`` takes a pair as one batch)."""
     if isinstance(data, torch.utils.data.Dataset):
         return [as_tensors(data)]
     return data

@@ -312,9 +312,10 @@ def batch_trends(
             continue
         x, y = cell["batch_value"].to_numpy(float), cell[column].to_numpy(float)
         if np.ptp(y) == 0:
-            constant = float(y[0])
-            nothing = Trend(robust, quantity, n, n_batches, math.nan, math.nan, "no variation")
-            out.append(dataclasses.replace(nothing, sign=sign, constant=constant))
+            nan = math.nan
+            out.append(
+                Trend(robust, quantity, n, n_batches, nan, nan, "no variation", sign, constant=y[0])
+            )
             continue
         rho, p, null = _spearman_test(x, y, sign)
         edge = float(null.max() if sign > 0 else null.min())
